@@ -1,0 +1,20 @@
+"""nvfp4-convert: rewrite a ModelOpt NVFP4 DeepSeek-V4 checkpoint into the hybrid that stock vLLM serves.
+
+Modules, one concern each (read them in this order):
+
+- ``errors``          the one exception type, naming file and tensor
+- ``safetensors_io``  streaming safetensors: header parsing/validation, tensor views, shard writer
+- ``checkpoint``      a source checkpoint on disk: index/shards, config, other files
+- ``naming``          transformers <-> native DeepSeek names
+- ``codecs``          pure numeric codecs: NVFP4 decode, FP8 ue8m0 block quantization, gate/up fold
+- ``inventory``       every source tensor classified into modules and roles (from dtypes/companions)
+- ``policy``          precision presets: which output format each module gets
+- ``plan``            the full list of output tensors, their producers, shards, drops, ignored_layers
+- ``execute``         runs a plan: streams tensors into atomically written shards
+- ``config_emit``     config.json / hf_quant_config.json for stock vLLM
+- ``report``          JSON + human summary of what happened to every input tensor
+- ``inspect``         what a checkpoint (source or converted) contains
+- ``cli``             the Typer/Rich command line (thin)
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,246 @@
+"""``nvfp4-convert``: the command line. Thin: parse, call the library, print with Rich.
+
+Commands: ``run`` (convert), ``plan`` (what run would do, writes nothing), ``inspect`` (what a
+checkpoint holds), ``demo`` (convert the tiny fixture shipped in the repo into a temporary folder).
+Every ``ConvertError`` becomes one red line and exit code 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from . import __version__
+from .convert import prepare, run
+from .errors import ConvertError
+from .execute import default_workers
+from .inspect import inspect_checkpoint
+from .plan import DEFAULT_SHARD_BYTES, Plan
+from .policy import Policy
+from .report import summary_tables
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Rewrite a ModelOpt NVFP4 DeepSeek-V4 checkpoint into the hybrid checkpoint stock vLLM serves.",
+)
+console = Console(stderr=True)
+out = Console()
+
+DEMO_FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tiny-dsv4"
+
+PolicyOpt = Annotated[str, typer.Option("--policy", help="default | fp8 | bf16 (non-expert linears)")]
+ExpertsOpt = Annotated[str, typer.Option("--experts", help="nvfp4 (keep bytes) | bf16 (dequantized reference)")]
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="also write the result as JSON to this file")]
+
+
+def _fail_cleanly(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except ConvertError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except ValueError as e:  # bad option values (policy names, sizes)
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def parse_size(text: str) -> int:
+    """``5GB``, ``500MB``, ``2GiB`` or a plain byte count."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    t = text.strip().lower()
+    for suffix, mult in units.items():
+        if t.endswith(suffix):
+            return int(float(t[: -len(suffix)]) * mult)
+    return int(t)
+
+
+def _print_plan(plan: Plan) -> None:
+    out.print(f"[bold]{plan.source}[/] ({plan.naming} names)")
+    out.print(plan.policy.describe())
+    for table in summary_tables(plan):
+        out.print(table)
+    out.print(
+        f"{len(plan.accounts)} input tensors -> {len(plan.outputs)} output tensors, "
+        f"{plan.output_bytes / 1e9:.3f} GB in {len(plan.shards)} shard(s); "
+        f"{len(plan.ignored_layers)} ignored_layers entries; {len(plan.fixes)} gate/up fix(es)"
+    )
+    for fix in plan.fixes:
+        out.print(
+            f"  gate/up fix {fix.expert}: w1 {fix.gate_scale_2:g} / w3 {fix.up_scale_2:g} -> {fix.rescaled} x {fix.ratio:.6g}"
+        )
+    for note in plan.notes:
+        out.print(f"[yellow]note:[/] {note}")
+
+
+@app.command("plan")
+def plan_cmd(
+    src: Annotated[Path, typer.Argument(help="ModelOpt NVFP4 checkpoint directory")],
+    policy: PolicyOpt = "default",
+    experts: ExpertsOpt = "nvfp4",
+    shard_size: Annotated[str, typer.Option(help="target output shard size")] = "5GB",
+    pass_unknown: Annotated[bool, typer.Option(help="pass unrecognised tensors through (loudly)")] = False,
+    json_out: JsonOpt = None,
+) -> None:
+    """Show what `run` would do, writing nothing."""
+
+    def go() -> None:
+        prep = prepare(src, Policy(policy, experts), shard_bytes=parse_size(shard_size), pass_unknown=pass_unknown)
+        _print_plan(prep.plan)
+        if json_out:
+            from .report import report_dict
+
+            json_out.write_text(json.dumps(report_dict(prep.plan), indent=1))
+
+    _fail_cleanly(go)
+
+
+@app.command("run")
+def run_cmd(
+    src: Annotated[Path, typer.Argument(help="ModelOpt NVFP4 checkpoint directory (read-only)")],
+    dst: Annotated[Path, typer.Argument(help="output directory (new or empty; or an unfinished run with --resume)")],
+    policy: PolicyOpt = "default",
+    experts: ExpertsOpt = "nvfp4",
+    workers: Annotated[int, typer.Option(help="parallel worker processes (0 = half the cores)")] = 0,
+    shard_size: Annotated[str, typer.Option(help="target output shard size")] = "5GB",
+    resume: Annotated[bool, typer.Option(help="continue an unfinished run in DST")] = False,
+    pass_unknown: Annotated[bool, typer.Option(help="pass unrecognised tensors through (loudly)")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Convert SRC into a checkpoint stock vLLM serves."""
+    _fail_cleanly(
+        lambda: _run(src, dst, Policy(policy, experts), workers, parse_size(shard_size), resume, pass_unknown, quiet)
+    )
+
+
+def _run(
+    src: Path, dst: Path, policy: Policy, workers: int, shard_bytes: int, resume: bool, pass_unknown: bool, quiet: bool
+) -> dict:
+    prep = prepare(src, policy, shard_bytes=shard_bytes, pass_unknown=pass_unknown)
+    if prep.inventory.unknown:
+        console.print(
+            f"[bold yellow]warning:[/] passing {len(prep.inventory.unknown)} unrecognised tensor(s) through: {sorted(prep.inventory.unknown)[:5]}"
+        )
+    workers = workers or default_workers()
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TextColumn("{task.fields[tensors]}/{task.fields[total_tensors]} tensors"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, disable=quiet) as progress:
+        task = progress.add_task(
+            "converting", total=prep.plan.output_bytes, tensors=0, total_tensors=len(prep.plan.outputs)
+        )
+        count = [0]
+
+        def advance(nbytes: int, ntensors: int) -> None:
+            count[0] += ntensors
+            progress.update(task, advance=nbytes, tensors=count[0])
+
+        report = run(src, dst, policy, workers=workers, resume=resume, progress=advance, prepared=prep)
+    t = report["totals"]
+    secs = report["timing"]["seconds"]
+    out.print(
+        f"[green]done[/]: {t['input_tensors']} input tensors -> {t['output_tensors']} output tensors, "
+        f"{t['output_bytes'] / 1e9:.3f} GB in {t['shards']} shard(s), {secs:.1f} s "
+        f"({t['output_bytes'] / 1e9 / max(secs, 1e-9):.2f} GB/s); report: {dst / 'nvfp4-convert-report.txt'}"
+    )
+    return report
+
+
+@app.command("inspect")
+def inspect_cmd(
+    path: Annotated[Path, typer.Argument(help="a source or converted checkpoint directory")],
+    deep: Annotated[bool, typer.Option(help="also scan every block-scale tensor for NaN/Inf/negative/zero")] = False,
+    json_out: JsonOpt = None,
+) -> None:
+    """What a checkpoint holds: naming, formats, layers, experts, MTP, scale problems."""
+
+    def go() -> None:
+        info = inspect_checkpoint(path, deep=deep)
+        out.print(
+            f"[bold]{info['path']}[/]: {info['status']}, {info['naming']} names, quant_method {info['quant_method']}"
+        )
+        out.print(
+            f"{info['tensors']} tensors, {info['bytes'] / 1e9:.3f} GB in {info['shards']} shard(s); {info['layers']} layers; "
+            f"experts per layer {info['experts_per_layer']}; MTP {'present' if info['mtp'] else 'absent'}"
+        )
+        table = Table(title="Modules by role and storage format")
+        for col in ("role", "format", "modules"):
+            table.add_column(col)
+        for row in info["formats"]:
+            table.add_row(row["role"], row["format"], str(row["modules"]))
+        out.print(table)
+        out.print(f"gate/up global-scale mismatches: {len(info['gate_up_mismatches'])}")
+        for m in info["gate_up_mismatches"][:20]:
+            out.print(f"  {m['expert']}: w1 {m['w1']:g} vs w3 {m['w3']:g}")
+        if info["bad_scales"] is not None:
+            out.print(f"block-scale tensors with NaN/Inf/negative/zero entries: {len(info['bad_scales'])}")
+            for b in info["bad_scales"][:20]:
+                out.print(f"  {b}")
+        if info["unknown_tensors"]:
+            out.print(f"[yellow]tensors matching no naming rule:[/] {info['unknown_tensors'][:20]}")
+        if info["status"] == "unfinished conversion":
+            out.print("[bold red]this is an UNFINISHED conversion: resume it with `nvfp4-convert run ... --resume`[/]")
+        if json_out:
+            json_out.write_text(json.dumps(info, indent=1))
+
+    _fail_cleanly(go)
+
+
+@app.command("demo")
+def demo_cmd(
+    policy: PolicyOpt = "default",
+    experts: ExpertsOpt = "nvfp4",
+) -> None:
+    """Convert the tiny ModelOpt fixture shipped in the repo into a temporary folder."""
+    if not DEMO_FIXTURE.exists():
+        console.print(
+            f"[red]error:[/] demo fixture not found at {DEMO_FIXTURE} (install from a git checkout with `pip install -e .`)"
+        )
+        raise typer.Exit(1)
+    dst = Path(tempfile.mkdtemp(prefix="nvfp4-convert-demo-")) / "out"
+    out.print(f"[bold]demo[/]: {DEMO_FIXTURE} -> {dst}")
+
+    def go() -> None:
+        prep = prepare(DEMO_FIXTURE, Policy(policy, experts))
+        _print_plan(prep.plan)
+        _run(DEMO_FIXTURE, dst, Policy(policy, experts), 1, DEFAULT_SHARD_BYTES, False, False, True)
+        info = inspect_checkpoint(dst)
+        out.print(f"result: {info['status']}, {info['naming']} names, {info['tensors']} tensors; formats:")
+        for row in info["formats"]:
+            out.print(f"  {row['role']:<22} {row['format']:<7} {row['modules']}")
+
+    _fail_cleanly(go)
+
+
+@app.callback(invoke_without_command=True)
+def main(version: Annotated[bool, typer.Option("--version", help="print the version")] = False) -> None:
+    if version:
+        out.print(__version__)
+        raise typer.Exit()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

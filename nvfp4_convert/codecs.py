@@ -1,0 +1,109 @@
+"""Numeric codecs, pure functions on tensors (CONTRACT.md sections 1, 3 and 4.6).
+
+- ``dequantize_nvfp4``: ModelOpt NVFP4 (uint8 pairs of E2M1 codes, e4m3 block scales per 16 inputs,
+  float32 global scale) to float32, in exactly ModelOpt's order ``code * (float32(ws) * ws2)``.
+  ``input_scale`` is an activation scale and never enters here.
+- ``quantize_fp8_block``: float32 to ``float8_e4m3fn`` with one power-of-two scale per 128x128
+  block, ``s = 2**ceil(log2(max(amax, 1e-4) / 448))``, weight ``e4m3(w * (1/s))``: the values of
+  vLLM's ``per_block_cast_to_fp8(x, [128, 128], use_ue8m0=True)``; scales returned as float32 and
+  stored as ``float8_e8m0fnu`` (exact, being powers of two).
+- ``fold_global_scales``: give gate and up of one expert one global scale (trap 6).
+
+Row-band processing: each function works on any band of whole rows (FP8: multiples of 128 rows),
+so callers can stream large tensors in bounded memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP4_BLOCK = 16
+FP8_BLOCK = 128
+E4M3_MAX = 448.0
+AMAX_FLOOR = 1e-4
+
+# E2M1 value of each 4-bit code; bit 3 is the sign, code 8 decodes to +0.0 as in ModelOpt.
+E2M1_VALUES = torch.tensor(
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+    dtype=torch.float32,
+)
+
+
+def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [rows, in/2] -> float32 [rows, in]; element 2i is the low nibble, 2i+1 the high one."""
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed FP4 must be uint8, got {packed.dtype}")
+    low = (packed & 0x0F).long()
+    high = (packed >> 4).long()
+    codes = torch.stack((low, high), dim=-1).reshape(packed.shape[0], packed.shape[1] * 2)
+    return E2M1_VALUES[codes]
+
+
+def dequantize_nvfp4(packed: torch.Tensor, weight_scale: torch.Tensor, weight_scale_2: torch.Tensor) -> torch.Tensor:
+    """float32 weight of an NVFP4 linear (rows may be any band of the full tensor)."""
+    if weight_scale.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"weight_scale must be float8_e4m3fn, got {weight_scale.dtype}")
+    values = unpack_e2m1(packed)
+    rows, cols = values.shape
+    if weight_scale.shape != (rows, cols // FP4_BLOCK):
+        raise ValueError(f"weight_scale shape {tuple(weight_scale.shape)} != {(rows, cols // FP4_BLOCK)}")
+    block_scale = weight_scale.to(torch.float32) * weight_scale_2.to(torch.float32)
+    return (values.view(rows, -1, FP4_BLOCK) * block_scale.unsqueeze(-1)).view(rows, cols)
+
+
+def fp8_scale_shape(rows: int, cols: int) -> tuple[int, int]:
+    """Shape of the block-scale tensor of a [rows, cols] FP8 weight."""
+    return (-(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK))
+
+
+def quantize_fp8_block(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 [m, n] -> (float8_e4m3fn [m, n], float32 power-of-two scales [ceil(m/128), ceil(n/128)])."""
+    if x.dim() != 2:
+        raise ValueError("FP8 block quantization needs a 2-D tensor")
+    x = x.to(torch.float32)
+    m, n = x.shape
+    pm, pn = fp8_scale_shape(m, n)
+    padded = x.new_zeros(pm * FP8_BLOCK, pn * FP8_BLOCK)
+    padded[:m, :n] = x
+    blocks = padded.view(pm, FP8_BLOCK, pn, FP8_BLOCK)
+    amax = blocks.abs().amax(dim=(1, 3), keepdim=True).clamp(min=AMAX_FLOOR)
+    scale = torch.pow(2.0, torch.ceil(torch.log2(amax / E4M3_MAX)))
+    q = (blocks * (1.0 / scale)).to(torch.float8_e4m3fn)
+    return q.view(pm * FP8_BLOCK, pn * FP8_BLOCK)[:m, :n].contiguous(), scale.view(pm, pn)
+
+
+def dequantize_fp8_block(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 value of an FP8 block-scaled weight (scale in float32 or float8_e8m0fnu)."""
+    m, n = q.shape
+    s = scale.to(torch.float32).repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)
+    return q.to(torch.float32) * s[:m, :n]
+
+
+def is_power_of_two(t: torch.Tensor) -> torch.Tensor:
+    """Elementwise: finite, positive and an exact power of two."""
+    t = t.to(torch.float32)
+    mantissa, _ = torch.frexp(t)
+    return torch.isfinite(t) & (t > 0) & (mantissa == 0.5)
+
+
+def fold_global_scales(
+    ws_gate: torch.Tensor, ws2_gate: torch.Tensor, ws_up: torch.Tensor, ws2_up: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Give gate and up one global scale: the larger; rescale the other half's block scales.
+
+    The half whose global scale was smaller gets ``e4m3(float32(ws) * (small / large))`` (ratio < 1,
+    so no block scale can pass e4m3's maximum); FP4 codes are unchanged. Returns the four new
+    tensors (gate ws, gate ws2, up ws, up ws2) in the input dtypes.
+    """
+    g, u = float(ws2_gate), float(ws2_up)
+    big = torch.tensor(max(g, u), dtype=torch.float32)
+    if g == u:
+        return ws_gate, ws2_gate, ws_up, ws2_up
+
+    def rescale(ws: torch.Tensor, small: float) -> torch.Tensor:
+        ratio = torch.tensor(small, dtype=torch.float32) / big
+        return (ws.to(torch.float32) * ratio).to(torch.float8_e4m3fn)
+
+    if g < u:
+        return rescale(ws_gate, g), big.reshape(ws2_gate.shape), ws_up, ws2_up
+    return ws_gate, ws2_gate, rescale(ws_up, u), big.reshape(ws2_up.shape)

@@ -1,0 +1,92 @@
+"""config.json and hf_quant_config.json of the output (CONTRACT.md section 3).
+
+``vllm_config``: the source config minus ``mlp_layer_types`` and ModelOpt's ``quantization_config``,
+plus ``compress_ratios`` (one per layer from ``layer_types``: sliding 0, compressed-sparse 4,
+heavily-compressed 128, and 0 for each MTP layer), ``num_hash_layers`` (the ``hash_moe`` entries),
+``topk_method: noaux_tc``, ``expert_dtype: fp4`` and the block-FP8 ``quantization_config`` with
+``moe_quant_algo: NVFP4`` and the plan's ``ignored_layers``. Keys already in DeepSeek's own form
+(``compress_ratios``, ``num_hash_layers``) are kept; a config with neither form stops the run.
+
+``hf_quant_config``: what ModelOpt's own DeepSeek-V4 exporter writes (MIXED_PRECISION, NVFP4
+routed experts in ``quantized_layers``, BF16 modules in ``exclude_modules``), read by SGLang.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import __version__
+from .errors import ConvertError
+
+COMPRESS_RATIO = {"sliding_attention": 0, "compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
+HASH_MOE = "hash_moe"
+
+
+def compress_ratios(config: dict[str, Any]) -> list[int]:
+    """One compress ratio per decoder layer, then one (0: sliding) per MTP layer."""
+    n_layers = config.get("num_hidden_layers")
+    n_mtp = int(config.get("num_nextn_predict_layers") or 0)
+    if "layer_types" in config:
+        try:
+            ratios = [COMPRESS_RATIO[t] for t in config["layer_types"]]
+        except KeyError as e:
+            raise ConvertError(f"unknown layer type {e.args[0]!r} in layer_types", file="config.json") from e
+        return ratios + [0] * n_mtp
+    if "compress_ratios" in config:
+        ratios = [int(r) for r in config["compress_ratios"]]
+        if n_layers is not None and len(ratios) < n_layers + n_mtp:
+            ratios += [0] * (n_layers + n_mtp - len(ratios))
+        return ratios
+    raise ConvertError("neither layer_types nor compress_ratios: cannot derive compress_ratios", file="config.json")
+
+
+def num_hash_layers(config: dict[str, Any]) -> int:
+    """Number of hash-routed MoE layers (they come first)."""
+    if "mlp_layer_types" in config:
+        types = config["mlp_layer_types"]
+        n = sum(1 for t in types if t == HASH_MOE)
+        if types[:n] != [HASH_MOE] * n:
+            raise ConvertError("hash_moe layers are not the first layers: vLLM cannot express that", file="config.json")
+        return n
+    if "num_hash_layers" in config:
+        return int(config["num_hash_layers"])
+    raise ConvertError("neither mlp_layer_types nor num_hash_layers: cannot derive num_hash_layers", file="config.json")
+
+
+def quantization_config(ignored_layers: list[str]) -> dict[str, Any]:
+    return {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+        "scale_fmt": "ue8m0",
+        "moe_quant_algo": "NVFP4",
+        "ignored_layers": list(ignored_layers),
+    }
+
+
+def vllm_config(source: dict[str, Any], ignored_layers: list[str]) -> dict[str, Any]:
+    """The output config.json for stock vLLM (0.22 .. 0.33)."""
+    if source.get("model_type") != "deepseek_v4":
+        raise ConvertError(f"model_type {source.get('model_type')!r} is not deepseek_v4", file="config.json")
+    config = {k: v for k, v in source.items() if k not in ("mlp_layer_types", "quantization_config")}
+    config["compress_ratios"] = compress_ratios(source)
+    config["num_hash_layers"] = num_hash_layers(source)
+    config["topk_method"] = "noaux_tc"
+    config["expert_dtype"] = "fp4"
+    config["quantization_config"] = quantization_config(ignored_layers)
+    return config
+
+
+def hf_quant_config(expert_modules: list[str], ignored_layers: list[str]) -> dict[str, Any]:
+    """hf_quant_config.json in the form ModelOpt's DeepSeek-V4 exporter writes it."""
+    return {
+        "producer": {"name": "nvfp4-convert", "version": __version__},
+        "quantization": {
+            "quant_algo": "MIXED_PRECISION",
+            "kv_cache_quant_algo": None,
+            "group_size": 16,
+            "quantized_layers": {m: {"quant_algo": "NVFP4", "group_size": 16} for m in expert_modules},
+            "exclude_modules": list(ignored_layers),
+        },
+    }

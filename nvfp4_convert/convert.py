@@ -1,0 +1,162 @@
+"""The whole ``run``: SRC (read-only) -> DST, in the order that keeps an unfinished DST recognisable.
+
+1. Open and validate SRC (headers, index, config), classify every tensor, build the plan and the
+   output config: any problem stops here, before DST is touched.
+2. Check DST (not SRC or inside it, empty / our unfinished run with ``resume``, writable, enough
+   free space), take its lock, record the plan fingerprint.
+3. Write the shards (skipping those the journal lists as finished on ``resume``).
+4. Write the index, ``config.json``, ``hf_quant_config.json``, the other files of SRC (hard-linked,
+   copied where linking fails), then the report, and remove the state directory last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import INDEX_NAME, Checkpoint
+from .config_emit import hf_quant_config, vllm_config
+from .errors import ConvertError
+from .execute import Progress, ShardResult, write_shards
+from .inventory import Inventory, build_inventory
+from .plan import DEFAULT_SHARD_BYTES, Plan, build_plan
+from .policy import Policy
+from .report import REPORT_JSON, REPORT_TEXT, render_text, report_dict
+from .safetensors_io import write_file_atomic
+from .state import STATE_DIR, RunState, dst_status, header_digest, plan_fingerprint
+
+
+@dataclass
+class Prepared:
+    """Everything decided before a byte is written."""
+
+    ckpt: Checkpoint
+    inventory: Inventory
+    plan: Plan
+    config: dict
+
+
+def prepare(
+    src: Path, policy: Policy, *, shard_bytes: int = DEFAULT_SHARD_BYTES, pass_unknown: bool = False
+) -> Prepared:
+    """Open SRC, classify, plan and derive the output config (reads headers and scalar scales only)."""
+    ckpt = Checkpoint.open(src)
+    inv = build_inventory(ckpt, pass_unknown=pass_unknown)
+    plan = build_plan(inv, policy, ckpt.path, shard_bytes=shard_bytes)
+    config = vllm_config(ckpt.config, plan.ignored_layers)
+    return Prepared(ckpt, inv, plan, config)
+
+
+def check_destination(src: Path, dst: Path, *, resume: bool, needed_bytes: int) -> None:
+    """Refuse a DST that would overwrite or sit inside SRC, hold other data, or not fit."""
+    src_r, dst_r = src.resolve(), dst.resolve()
+    if dst_r == src_r or src_r in dst_r.parents:
+        raise ConvertError("destination is the source or inside it; the source is never written", file=dst)
+    status = dst_status(dst)
+    if status == "finished":
+        raise ConvertError("destination already holds a finished conversion; remove it or choose another", file=dst)
+    if status == "foreign":
+        raise ConvertError("destination exists and is not empty (and is not an unfinished nvfp4-convert run)", file=dst)
+    if status == "unfinished" and not resume:
+        raise ConvertError("destination holds an unfinished run: add --resume to continue it", file=dst)
+    parent = dst if dst.exists() else dst.parent
+    if not parent.exists():
+        raise ConvertError("parent directory does not exist", file=parent)
+    if not os.access(parent, os.W_OK):
+        raise ConvertError("not writable", file=parent)
+    free = shutil.disk_usage(parent).free
+    if free < needed_bytes:
+        raise ConvertError(f"needs {needed_bytes / 1e9:.2f} GB, only {free / 1e9:.2f} GB free", file=parent)
+
+
+def run(
+    src: Path,
+    dst: Path,
+    policy: Policy,
+    *,
+    workers: int = 1,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    resume: bool = False,
+    pass_unknown: bool = False,
+    progress: Progress | None = None,
+    prepared: Prepared | None = None,
+) -> dict:
+    """Convert SRC into DST; returns the report dict."""
+    t0 = time.monotonic()
+    prep = prepared or prepare(src, policy, shard_bytes=shard_bytes, pass_unknown=pass_unknown)
+    plan = prep.plan
+    done_bytes = _already_written(dst, plan) if resume else 0
+    check_destination(src, dst, resume=resume, needed_bytes=plan.output_bytes - done_bytes)
+    dst.mkdir(parents=True, exist_ok=True)
+    with RunState(dst, plan_fingerprint(plan), resume=resume) as state:
+        finished = state.finished()
+        todo = []
+        for shard in plan.shards:
+            entry = finished.get(shard.file)
+            path = dst / shard.file
+            if (
+                entry
+                and path.exists()
+                and path.stat().st_size == entry["size"]
+                and entry["header_sha256"] == header_digest(shard.entries)
+            ):
+                if progress:
+                    progress(shard.nbytes, len(shard.outputs))
+                continue
+            todo.append(shard)
+        digests = {s.file: header_digest(s.entries) for s in todo}
+
+        def on_done(res: ShardResult) -> None:
+            state.record(res.file, res.size, digests[res.file])
+
+        try:
+            write_shards(todo, dst, workers=workers, progress=progress, on_done=on_done)
+        except OSError as e:
+            raise ConvertError(f"write failed: {e.strerror or e}; free space and rerun with --resume", file=dst) from e
+        t_shards = time.monotonic() - t0
+        _write_metadata(prep, dst)
+        report = report_dict(
+            plan,
+            dst=str(dst),
+            timing={"seconds": round(time.monotonic() - t0, 3), "shards_seconds": round(t_shards, 3)},
+        )
+        write_file_atomic(dst / REPORT_TEXT, render_text(plan).encode())
+        write_file_atomic(dst / REPORT_JSON, json.dumps(report, indent=1).encode())
+        state.remove()
+    return report
+
+
+def _already_written(dst: Path, plan: Plan) -> int:
+    journal = dst / STATE_DIR / "journal.jsonl"
+    if not journal.exists():
+        return 0
+    names = {json.loads(line).get("file") for line in journal.read_text().splitlines() if line.strip().endswith("}")}
+    return sum(s.nbytes for s in plan.shards if s.file in names)
+
+
+def _write_metadata(prep: Prepared, dst: Path) -> None:
+    plan = prep.plan
+    index = {"metadata": {"total_size": plan.output_bytes}, "weight_map": plan.weight_map()}
+    write_file_atomic(dst / INDEX_NAME, json.dumps(index, indent=2).encode())
+    write_file_atomic(dst / "config.json", json.dumps(prep.config, indent=2).encode())
+    experts = sorted({o.name.rsplit(".", 1)[0] for o in plan.outputs if o.dtype == "U8" and ".ffn.experts." in o.name})
+    write_file_atomic(
+        dst / "hf_quant_config.json", json.dumps(hf_quant_config(experts, plan.ignored_layers), indent=2).encode()
+    )
+    for f in prep.ckpt.other_files:
+        link_or_copy(f, dst / f.name)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` to ``dst`` (same filesystem), else copy it; replaces ``dst``."""
+    tmp = dst.with_name(dst.name + ".partial")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)

@@ -1,0 +1,190 @@
+"""Execution: turn a plan into shard files, streaming one tensor (and one row band) at a time.
+
+Contract:
+- Source files are only ever opened for reading.
+- Each shard is written as ``<name>.partial``, fsynced and renamed (``ShardWriter``); a finished
+  shard is recorded in the journal (``state.Journal``) so ``--resume`` skips it.
+- Memory is bounded by one row band of the largest converted tensor (``BAND_BYTES`` of float32),
+  whatever the number or size of shards; passthrough bytes go through ``copy_file_range``.
+- Shards are independent: ``workers`` processes write them in parallel; the bytes of every shard
+  depend only on the plan, never on the number of workers or the order they finish in.
+- Block scales of NVFP4 tensors are checked as they are read: NaN or negative stops the run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+
+from .codecs import FP8_BLOCK, dequantize_fp8_block, dequantize_nvfp4, quantize_fp8_block
+from .errors import ConvertError
+from .plan import OutputTensor, Shard
+from .safetensors_io import ShardWriter, TensorInfo, read_rows, read_tensor
+
+BAND_BYTES = 64 * 1024 * 1024  # float32 bytes of one row band of a converted tensor
+
+Progress = Callable[[int, int], None]  # (bytes written, tensors written) since the last call
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    file: str
+    size: int
+
+
+def band_rows(cols: int, multiple: int = FP8_BLOCK) -> int:
+    """Rows per band: a multiple of ``multiple`` holding about ``BAND_BYTES`` of float32."""
+    return max(multiple, (BAND_BYTES // max(1, cols * 4)) // multiple * multiple)
+
+
+def decode_rows(sources: tuple[TensorInfo, ...], r0: int, r1: int) -> torch.Tensor:
+    """float32 rows ``[r0, r1)`` of a linear stored as NVFP4, FP8 block or dense (by source dtypes)."""
+    weight = sources[0]
+    if weight.dtype == "U8":
+        ws = read_rows(sources[1], r0, r1)
+        check_block_scales(ws, sources[1])
+        return dequantize_nvfp4(read_rows(weight, r0, r1), ws, read_tensor(sources[2]))
+    if weight.dtype == "F8_E4M3":
+        if r0 % FP8_BLOCK:
+            raise ValueError("FP8 bands must start on a 128-row boundary")
+        scale = read_rows(sources[1], r0 // FP8_BLOCK, -(-r1 // FP8_BLOCK))
+        return dequantize_fp8_block(read_rows(weight, r0, r1), scale)
+    return read_rows(weight, r0, r1).to(torch.float32)
+
+
+def check_block_scales(ws: torch.Tensor, info: TensorInfo) -> None:
+    """NVFP4 block scales must be finite and non-negative (e4m3 has NaN but no Inf)."""
+    f = ws.to(torch.float32)
+    bad = ~torch.isfinite(f) | (f < 0)
+    if bool(bad.any()):
+        r, c = (int(i) for i in bad.nonzero()[0])
+        raise ConvertError(
+            f"block scale [{r}, {c}] is {f[r, c].item()}: NaN or negative", file=info.file, tensor=info.name
+        )
+
+
+def _bands(rows: int, cols: int) -> Iterator[tuple[int, int]]:
+    step = band_rows(cols)
+    for r0 in range(0, rows, step):
+        yield r0, min(rows, r0 + step)
+
+
+def produce(out: OutputTensor, writer: ShardWriter) -> None:
+    """Write the bytes of ``out`` into ``writer``."""
+    src = out.sources[0]
+    if out.op == "copy":
+        if src.name.endswith("weight_scale") and src.dtype == "F8_E4M3":
+            ws = read_tensor(src)
+            check_block_scales(ws, src)
+            writer.write(ws)
+        else:
+            writer.copy_range(src.file, src.start, src.nbytes)
+    elif out.op in ("bf16", "fp8_weight", "fp8_scale"):
+        rows, cols = out.shape if out.op != "fp8_scale" else (out.sources[0].shape[0], _logical_cols(out.sources))
+        for r0, r1 in _bands(rows, cols):
+            x = decode_rows(out.sources, r0, r1)
+            if out.op == "bf16":
+                writer.write(x.to(torch.bfloat16))
+            else:
+                q, scale = quantize_fp8_block(x)
+                writer.write(q if out.op == "fp8_weight" else scale.to(torch.float8_e8m0fnu))
+    elif out.op == "fold_scale":
+        ws = read_tensor(src)
+        check_block_scales(ws, src)
+        ratio = torch.tensor(out.value, dtype=torch.float32)
+        writer.write((ws.to(torch.float32) * ratio).to(torch.float8_e4m3fn))
+    elif out.op == "scalar":
+        writer.write(torch.tensor(out.value, dtype=torch.float32).reshape(out.shape))
+    else:
+        raise ValueError(f"unknown op {out.op!r}")
+
+
+def _logical_cols(sources: tuple[TensorInfo, ...]) -> int:
+    w = sources[0]
+    return w.shape[1] * 2 if w.dtype == "U8" else w.shape[1]
+
+
+def write_shard(shard: Shard, dst: Path, progress: Progress | None = None) -> ShardResult:
+    """Write one shard atomically; report progress per tensor."""
+    final = dst / shard.file
+    try:
+        with ShardWriter(final, shard.entries) as writer:
+            for out in shard.outputs:
+                produce(out, writer)
+                if progress:
+                    progress(out.nbytes, 1)
+            writer.commit()
+    except OSError as e:
+        raise ConvertError(f"cannot write: {e.strerror or e}", file=final) from e
+    return ShardResult(shard.file, final.stat().st_size)
+
+
+# --- parallel execution -------------------------------------------------------------------------
+
+_queue = None
+
+
+def _init_worker(queue: object) -> None:
+    global _queue
+    _queue = queue
+    torch.set_num_threads(1)
+
+
+def _worker_progress(nbytes: int, ntensors: int) -> None:
+    assert _queue is not None
+    _queue.put((nbytes, ntensors))
+
+
+def _write_shard_in_worker(shard: Shard, dst: Path) -> ShardResult:
+    return write_shard(shard, dst, _worker_progress)
+
+
+def write_shards(
+    shards: list[Shard],
+    dst: Path,
+    *,
+    workers: int = 1,
+    progress: Progress | None = None,
+    on_done: Callable[[ShardResult], None] | None = None,
+) -> list[ShardResult]:
+    """Write ``shards`` with ``workers`` processes (1 = in this process); ``on_done`` per finished shard."""
+    results: list[ShardResult] = []
+    if workers <= 1 or len(shards) <= 1:
+        for shard in shards:
+            res = write_shard(shard, dst, progress)
+            results.append(res)
+            if on_done:
+                on_done(res)
+        return results
+    ctx = get_context("spawn")
+    queue = ctx.Manager().Queue() if progress else None
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
+        pending = {pool.submit(_write_shard_in_worker, s, dst) for s in shards}
+        while pending:
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+            _drain(queue, progress)
+            for fut in done:
+                res = fut.result()  # re-raises a worker's ConvertError here
+                results.append(res)
+                if on_done:
+                    on_done(res)
+        _drain(queue, progress)
+    return sorted(results, key=lambda r: r.file)
+
+
+def _drain(queue: object, progress: Progress | None) -> None:
+    if queue is None or progress is None:
+        return
+    while not queue.empty():  # type: ignore[attr-defined]
+        progress(*queue.get())  # type: ignore[attr-defined]
+
+
+def default_workers() -> int:
+    """Half the cores (each worker is mostly I/O-bound), at least 1, at most 16."""
+    return max(1, min(16, (os.cpu_count() or 2) // 2))

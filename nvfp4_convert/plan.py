@@ -1,0 +1,326 @@
+"""Planning: from an inventory and a policy, every output tensor, its producer, its shard, and the
+fate of every input tensor. Nothing is written and no tensor data is read here (except the scalar
+global scales the inventory already holds), so ``plan`` is cheap and ``run`` can be checked against
+it before a byte is written.
+
+An ``OutputTensor`` says how to make one output tensor from source tensors (``op``):
+
+- ``copy``: the bytes of one source tensor, unchanged.
+- ``bf16``: the source linear decoded to float32 (NVFP4, FP8 block or dense) and rounded to BF16.
+- ``fp8_weight`` / ``fp8_scale``: the float32 source quantized with 128x128 power-of-two blocks.
+- ``fold_scale``: an NVFP4 ``weight_scale`` times ``value`` (< 1), rounded to e4m3 (trap 6).
+- ``scalar``: the float32 scalar ``value`` (a folded ``weight_scale_2``).
+
+Every source tensor gets exactly one ``Account`` (what happened to it and why); ``build_plan``
+asserts that. ``ignored_layers`` lists, in native names, every module vLLM must build unquantized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .codecs import fp8_scale_shape
+from .errors import ConvertError
+from .inventory import Inventory, Module, Role
+from .policy import Policy, Target
+from .safetensors_io import OutEntry, TensorInfo
+
+DEFAULT_SHARD_BYTES = 5 * 1000**3
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One output tensor: name, safetensors dtype, shape, and how to produce it from its sources."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    op: str
+    sources: tuple[TensorInfo, ...]
+    value: float | None = None
+
+    @property
+    def entry(self) -> OutEntry:
+        return OutEntry(self.name, self.dtype, self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.entry.nbytes
+
+
+@dataclass(frozen=True)
+class Account:
+    """What happened to one source tensor."""
+
+    source: str
+    action: str  # copied | renamed | dequantized | quantized | consumed | rescaled | dropped | passed-unknown
+    outputs: tuple[str, ...] = ()
+    reason: str = ""
+    role: str = ""
+    nbytes: int = 0
+
+
+@dataclass(frozen=True)
+class GateUpFix:
+    """Gate and up of one expert had different global scales; the smaller half was rescaled."""
+
+    expert: str  # native module prefix, e.g. layers.3.ffn.experts.7
+    gate_scale_2: float
+    up_scale_2: float
+    rescaled: str  # "w1" or "w3"
+    ratio: float
+
+
+@dataclass
+class Shard:
+    file: str
+    outputs: list[OutputTensor]
+
+    @property
+    def entries(self) -> list[OutEntry]:
+        return [o.entry for o in self.outputs]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(o.nbytes for o in self.outputs)
+
+
+@dataclass
+class Plan:
+    source: Path
+    naming: str
+    policy: Policy
+    outputs: list[OutputTensor]
+    accounts: list[Account]
+    ignored_layers: list[str]
+    fixes: list[GateUpFix] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    shards: list[Shard] = field(default_factory=list)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(o.nbytes for o in self.outputs)
+
+    @property
+    def source_bytes(self) -> int:
+        return sum(a.nbytes for a in self.accounts)
+
+    def weight_map(self) -> dict[str, str]:
+        return {o.name: s.file for s in self.shards for o in s.outputs}
+
+
+_DROP_INPUT_SCALE = "activation scale of an NVFP4 linear; the FP8/BF16 output quantizes activations dynamically"
+
+
+def build_plan(inv: Inventory, policy: Policy, source: Path, *, shard_bytes: int = DEFAULT_SHARD_BYTES) -> Plan:
+    """The complete plan; raises ``ConvertError`` when the source cannot be served under ``policy``."""
+    plan = Plan(source, inv.naming, policy, [], [], [])
+    experts = {m.name: m for m in inv.linears(Role.ROUTED_EXPERT)}
+    for module in inv.modules.values():
+        target = policy.target(module)
+        if module.format == "tensor":
+            _copy(plan, module.params[""], module.name, module.role)
+        elif target == Target.NVFP4:
+            _keep_nvfp4_expert(plan, module, experts)
+        elif target == Target.COPY or already_in_target(module, target):
+            _copy_linear(plan, module)
+        elif target == Target.BF16:
+            _convert(plan, module, "bf16")
+        else:
+            _convert(plan, module, "fp8")
+    for name, info in inv.unknown.items():
+        plan.outputs.append(OutputTensor(name, info.dtype, info.shape, "copy", (info,)))
+        plan.accounts.append(
+            Account(
+                info.name,
+                "passed-unknown",
+                (name,),
+                "matches no rule; passed through on request",
+                "unknown",
+                info.nbytes,
+            )
+        )
+    plan.ignored_layers = ignored_layers(inv, policy)
+    if not any(m.name.startswith("mtp.") for m in inv.modules.values()):
+        plan.notes.append("no MTP block (mtp.*) in the source: nothing to convert for speculative decoding")
+    if policy.name == "bf16":
+        plan.notes.append("BF16 wo_a needs vLLM >= 0.30")
+    plan.shards = assign_shards(plan.outputs, shard_bytes)
+    _check_accounting(inv, plan)
+    return plan
+
+
+def already_in_target(module: Module, target: Target) -> bool:
+    """A BF16 linear bound for BF16, or an FP8 linear with e8m0 scales bound for FP8: bytes kept."""
+    if target == Target.BF16:
+        return module.format == "dense" and module.params["weight"].dtype == "BF16"
+    return target == Target.FP8 and module.format == "fp8" and module.params["scale"].dtype == "F8_E8M0"
+
+
+def _out_name(module: Module, param: str) -> str:
+    return f"{module.name}.{param}"
+
+
+def _copy(plan: Plan, info: TensorInfo, out: str, role: Role) -> None:
+    plan.outputs.append(OutputTensor(out, info.dtype, info.shape, "copy", (info,)))
+    action = "copied" if info.name == out else "renamed"
+    plan.accounts.append(Account(info.name, action, (out,), role=role.value, nbytes=info.nbytes))
+
+
+def _copy_linear(plan: Plan, module: Module) -> None:
+    for param, info in module.params.items():
+        _copy(plan, info, _out_name(module, param), module.role)
+
+
+def _decode_sources(module: Module) -> tuple[TensorInfo, ...]:
+    p = module.params
+    if module.format == "nvfp4":
+        return (p["weight"], p["weight_scale"], p["weight_scale_2"])
+    if module.format == "fp8":
+        return (p["weight"], p["scale"])
+    return (p["weight"],)
+
+
+def _convert(plan: Plan, module: Module, target: str) -> None:
+    sources = _decode_sources(module)
+    rows, cols = module.shape
+    weight = _out_name(module, "weight")
+    if target == "bf16":
+        outs = [OutputTensor(weight, "BF16", (rows, cols), "bf16", sources)]
+        action = "dequantized" if module.format != "dense" else "cast"
+    else:
+        scale = _out_name(module, "scale")
+        outs = [
+            OutputTensor(weight, "F8_E4M3", (rows, cols), "fp8_weight", sources),
+            OutputTensor(scale, "F8_E8M0", fp8_scale_shape(rows, cols), "fp8_scale", sources),
+        ]
+        action = "quantized"
+    plan.outputs.extend(outs)
+    names = tuple(o.name for o in outs)
+    role = module.role.value
+    plan.accounts.append(
+        Account(sources[0].name, action, names, f"{module.format} -> {target}", role, sources[0].nbytes)
+    )
+    for extra in sources[1:]:
+        plan.accounts.append(Account(extra.name, "consumed", names, f"scale of {sources[0].name}", role, extra.nbytes))
+    if "input_scale" in module.params:
+        info = module.params["input_scale"]
+        plan.accounts.append(Account(info.name, "dropped", (), _DROP_INPUT_SCALE, role, info.nbytes))
+
+
+def _keep_nvfp4_expert(plan: Plan, module: Module, experts: dict[str, Module]) -> None:
+    if module.format != "nvfp4":
+        w = module.params["weight"]
+        raise ConvertError(
+            f"routed expert is {module.format}, not NVFP4: use --experts bf16", file=w.file, tensor=w.name
+        )
+    if "input_scale" not in module.params:
+        w = module.params["weight"]
+        raise ConvertError(
+            "NVFP4 expert without input_scale (vLLM would leave it uninitialised)", file=w.file, tensor=w.name
+        )
+    prefix, half = module.name.rsplit(".", 1)
+    fix = _gate_up_fix(prefix, experts) if half in ("w1", "w3") else None
+    for param, info in module.params.items():
+        out = _out_name(module, param)
+        if fix and fix.rescaled == half and param == "weight_scale":
+            plan.outputs.append(OutputTensor(out, "F8_E4M3", info.shape, "fold_scale", (info,), fix.ratio))
+            reason = f"gate/up global scales differ ({fix.gate_scale_2:g} vs {fix.up_scale_2:g}): block scales x {fix.ratio:.6g}"
+            plan.accounts.append(Account(info.name, "rescaled", (out,), reason, module.role.value, info.nbytes))
+        elif fix and fix.rescaled == half and param == "weight_scale_2":
+            value = max(fix.gate_scale_2, fix.up_scale_2)
+            plan.outputs.append(OutputTensor(out, "F32", info.shape, "scalar", (info,), value))
+            plan.accounts.append(
+                Account(
+                    info.name,
+                    "rescaled",
+                    (out,),
+                    "set to the larger global scale of gate/up",
+                    module.role.value,
+                    info.nbytes,
+                )
+            )
+        else:
+            _copy(plan, info, out, module.role)
+    if fix and half == "w1":
+        plan.fixes.append(fix)
+
+
+def _gate_up_fix(prefix: str, experts: dict[str, Module]) -> GateUpFix | None:
+    gate, up = experts.get(f"{prefix}.w1"), experts.get(f"{prefix}.w3")
+    if gate is None or up is None:
+        some = (gate or up).params["weight"]  # type: ignore[union-attr]
+        raise ConvertError(
+            f"expert {prefix} lacks its {'w1 (gate)' if gate is None else 'w3 (up)'} half",
+            file=some.file,
+            tensor=some.name,
+        )
+    g, u = gate.global_scale, up.global_scale
+    if g is None or u is None or g == u:
+        return None
+    small, big = min(g, u), max(g, u)
+    ratio = float(torch.tensor(small, dtype=torch.float32) / torch.tensor(big, dtype=torch.float32))
+    return GateUpFix(prefix, g, u, "w1" if g < u else "w3", ratio)
+
+
+def ignored_layers(inv: Inventory, policy: Policy) -> list[str]:
+    """Native module names vLLM must build unquantized (BF16), fused names and shard names both."""
+    out: list[str] = []
+    blocks = sorted({m.name.split(".attn.")[0] for m in inv.linears(Role.ATTENTION)}, key=_block_key)
+    for block in blocks:
+        present = {
+            m.name.split(".attn.", 1)[1] for m in inv.linears(Role.ATTENTION) if m.name.startswith(block + ".attn.")
+        }
+        if policy.attention_target("wq_a") == Target.BF16 and {"wq_a", "wkv"} & present:
+            out += [f"{block}.attn.fused_wqa_wkv", f"{block}.attn.wq_a", f"{block}.attn.wkv"]
+        for proj in ("wq_b", "wo_a", "wo_b", "indexer.wq_b"):
+            if proj in present and policy.attention_target(proj) == Target.BF16:
+                out.append(f"{block}.attn.{proj}")
+    shared_blocks = sorted({m.name.split(".ffn.")[0] for m in inv.linears(Role.SHARED_EXPERT)}, key=_block_key)
+    if policy.shared_expert_target == Target.BF16:
+        for block in shared_blocks:
+            p = f"{block}.ffn.shared_experts"
+            out += [f"{p}.gate_up_proj", f"{p}.w1", f"{p}.w3", f"{p}.w2"]
+    if policy.experts == "bf16":
+        out += [f"{block}.ffn.experts" for block in sorted(inv.experts_blocks(), key=_block_key)]
+    return out
+
+
+def _block_key(block: str) -> tuple[int, int]:
+    kind, _, idx = block.partition(".")
+    return (0 if kind == "layers" else 1, int(idx) if idx.isdigit() else 0)
+
+
+def assign_shards(outputs: list[OutputTensor], shard_bytes: int) -> list[Shard]:
+    """Greedy, order-preserving packing into shards of at most ``shard_bytes`` (a bigger tensor alone)."""
+    groups: list[list[OutputTensor]] = []
+    size = 0
+    for o in outputs:
+        if not groups or (size + o.nbytes > shard_bytes and groups[-1]):
+            groups.append([])
+            size = 0
+        groups[-1].append(o)
+        size += o.nbytes
+    n = len(groups)
+    width = max(5, len(str(n)))
+    return [Shard(f"model-{i + 1:0{width}d}-of-{n:0{width}d}.safetensors", g) for i, g in enumerate(groups)]
+
+
+def _check_accounting(inv: Inventory, plan: Plan) -> None:
+    seen: dict[str, int] = {}
+    for a in plan.accounts:
+        seen[a.source] = seen.get(a.source, 0) + 1
+    expected = {t.name for m in inv.modules.values() for t in m.params.values()} | {
+        t.name for t in inv.unknown.values()
+    }
+    missing = sorted(expected - seen.keys())
+    twice = sorted(n for n, c in seen.items() if c > 1)
+    if missing or twice:
+        raise AssertionError(f"plan accounting broken: unaccounted {missing[:5]}, accounted twice {twice[:5]}")
+    names = [o.name for o in plan.outputs]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ConvertError("two source tensors map to the same output name", tensor=dup)

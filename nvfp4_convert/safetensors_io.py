@@ -1,0 +1,310 @@
+"""Streaming safetensors I/O: the pieces the ``safetensors`` library does not offer.
+
+- ``read_header``: parse and validate one file's header without reading its data; every problem
+  (header longer than the file, bad JSON, unknown dtype, offsets outside the data, overlapping or
+  size-inconsistent tensors) is a ``ConvertError`` naming the file and tensor.
+- ``read_rows``: the bytes of a band of rows of one tensor, read with ``pread`` (memory = the band).
+- ``ShardWriter``: writes a safetensors file whose header is known up front, tensor by tensor,
+  under a temporary name; ``commit`` fsyncs and renames it into place, so a crash never leaves a
+  complete-looking shard. Raw byte ranges of source files are copied with ``copy_file_range``.
+
+Files written here are read back by ``safetensors`` itself in the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ConvertError
+
+# safetensors dtype string -> (torch dtype, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "BOOL": (torch.bool, 1),
+    "U8": (torch.uint8, 1),
+    "I8": (torch.int8, 1),
+    "I16": (torch.int16, 2),
+    "U16": (torch.uint16, 2),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I32": (torch.int32, 4),
+    "U32": (torch.uint32, 4),
+    "F32": (torch.float32, 4),
+    "F64": (torch.float64, 8),
+    "I64": (torch.int64, 8),
+    "U64": (torch.uint64, 8),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+    "F8_E8M0": (torch.float8_e8m0fnu, 1),
+}
+TORCH_TO_ST = {dt: name for name, (dt, _) in DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces
+COPY_CHUNK = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, absolute byte range, dtype string and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype][0]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Validated tensor table and ``__metadata__`` of one safetensors file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ConvertError("file shorter than the 8-byte header length", file=path)
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise ConvertError(f"header length {n} larger than the file ({size} bytes)", file=path)
+            if n > MAX_HEADER:
+                raise ConvertError(f"header length {n} exceeds {MAX_HEADER}", file=path)
+            raw = f.read(n)
+    except OSError as e:
+        raise ConvertError(f"cannot read: {e.strerror}", file=path) from e
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConvertError(f"invalid header JSON: {e}", file=path) from e
+    if not isinstance(header, dict):
+        raise ConvertError("header is not a JSON object", file=path)
+    metadata = header.pop("__metadata__", None) or {}
+    data_start, data_len = 8 + n, size - 8 - n
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        tensors[name] = _tensor_info(path, name, entry, data_start, data_len)
+    _check_layout(path, tensors.values(), data_start)
+    return tensors, metadata
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_len: int) -> TensorInfo:
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise ConvertError("header entry lacks dtype/shape/data_offsets", file=path, tensor=name)
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in DTYPES:
+        raise ConvertError(f"unsupported dtype {dtype!r}", file=path, tensor=name)
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise ConvertError(f"invalid shape {shape!r}", file=path, tensor=name)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        raise ConvertError(f"invalid data_offsets {offsets!r}", file=path, tensor=name)
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise ConvertError(f"invalid data_offsets {offsets}", file=path, tensor=name)
+    if end > data_len:
+        raise ConvertError(
+            f"data_offsets {offsets} outside the data ({data_len} bytes): file truncated?", file=path, tensor=name
+        )
+    expected = math.prod(shape) * DTYPES[dtype][1]
+    if end - begin != expected:
+        raise ConvertError(
+            f"data_offsets span {end - begin} bytes but {dtype}{shape} needs {expected}", file=path, tensor=name
+        )
+    return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, data_start + end)
+
+
+def _check_layout(path: Path, tensors: Iterable[TensorInfo], data_start: int) -> None:
+    previous: TensorInfo | None = None
+    for t in sorted(tensors, key=lambda t: (t.start, t.end)):
+        if previous is not None and t.start < previous.end:
+            raise ConvertError(f"data overlaps tensor {previous.name!r}", file=path, tensor=t.name)
+        previous = t
+
+
+def read_rows(info: TensorInfo, row_start: int = 0, row_end: int | None = None) -> torch.Tensor:
+    """Rows ``[row_start, row_end)`` of a tensor (all of it for a 0-D/1-D tensor), as a torch tensor."""
+    if len(info.shape) < 2:
+        offset, nbytes, shape = info.start, info.nbytes, info.shape
+    else:
+        rows = info.shape[0]
+        row_end = rows if row_end is None else min(row_end, rows)
+        row_bytes = info.nbytes // rows if rows else 0
+        offset = info.start + row_start * row_bytes
+        nbytes = (row_end - row_start) * row_bytes
+        shape = (row_end - row_start, *info.shape[1:])
+    buf = bytearray(nbytes)
+    with open(info.file, "rb", buffering=0) as f:
+        got = f.readinto(memoryview(buf)) if f.seek(offset) == offset else 0
+    if got != nbytes:
+        raise ConvertError(f"short read ({got} of {nbytes} bytes)", file=info.file, tensor=info.name)
+    if nbytes == 0:
+        return torch.empty(shape, dtype=info.torch_dtype)
+    return torch.frombuffer(buf, dtype=torch.uint8).view(info.torch_dtype).reshape(shape)
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """The whole tensor (only for tensors the caller knows to be small, or bounded by design)."""
+    return read_rows(info)
+
+
+@dataclass(frozen=True)
+class OutEntry:
+    """One tensor of an output shard: name, safetensors dtype string, shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype][1]
+
+
+def encode_header(entries: list[OutEntry], metadata: dict[str, str] | None = None) -> bytes:
+    """Header bytes (length prefix + JSON padded with spaces to 8 bytes) for tensors stored in order."""
+    header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for e in entries:
+        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardWriter:
+    """Write one safetensors file whose tensors are known in advance, strictly in order.
+
+    Data goes to ``<final>.partial``; ``commit()`` checks every byte was written, fsyncs and renames.
+    ``abort()`` (or leaving a ``with`` block on an exception) removes the partial file.
+    """
+
+    def __init__(self, final: Path, entries: list[OutEntry]) -> None:
+        self.final = final
+        self.partial = final.with_name(final.name + ".partial")
+        self.entries = entries
+        self._next = 0
+        self._written_in_current = 0
+        header = encode_header(entries)
+        self.size = len(header) + sum(e.nbytes for e in entries)
+        self._f = open(self.partial, "wb")  # noqa: SIM115 - closed in commit/abort
+        self._f.write(header)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def _expect(self, nbytes: int) -> OutEntry:
+        if self._next >= len(self.entries):
+            raise ConvertError("more data than the header announces", file=self.final)
+        entry = self.entries[self._next]
+        if self._written_in_current + nbytes > entry.nbytes:
+            raise ConvertError(
+                f"{self._written_in_current + nbytes} bytes written, header says {entry.nbytes}",
+                file=self.final,
+                tensor=entry.name,
+            )
+        return entry
+
+    def _advance(self, nbytes: int) -> None:
+        self._written_in_current += nbytes
+        if self._written_in_current == self.entries[self._next].nbytes:
+            self._next += 1
+            self._written_in_current = 0
+
+    def write(self, data: torch.Tensor | bytes | memoryview) -> None:
+        """Append bytes (a contiguous tensor's storage or a buffer) to the current tensor."""
+        if isinstance(data, torch.Tensor):
+            data = memoryview(data.contiguous().view(torch.uint8).reshape(-1).numpy())
+        view = memoryview(data).cast("B")
+        self._expect(len(view))
+        self._f.write(view)
+        self._advance(len(view))
+
+    def copy_range(self, src: Path, start: int, nbytes: int) -> None:
+        """Append ``nbytes`` of ``src`` from ``start`` without passing them through Python buffers."""
+        self._expect(nbytes)
+        self._f.flush()
+        with open(src, "rb") as fin:
+            copy_file_range(fin.fileno(), self._f.fileno(), start, nbytes)
+        self._f.seek(0, os.SEEK_END)
+        self._advance(nbytes)
+
+    def commit(self) -> None:
+        """Check completeness, fsync, rename into place and fsync the directory."""
+        if self._next != len(self.entries):
+            missing = self.entries[self._next].name
+            self.abort()
+            raise ConvertError("shard incomplete at commit", file=self.final, tensor=missing)
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.partial, self.final)
+        fsync_dir(self.final.parent)
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        self.partial.unlink(missing_ok=True)
+
+
+def copy_file_range(src_fd: int, dst_fd: int, offset: int, nbytes: int) -> None:
+    """Copy ``nbytes`` from ``src_fd`` at ``offset`` to ``dst_fd``'s current position (kernel-side)."""
+    done = 0
+    try:
+        while done < nbytes:
+            n = os.copy_file_range(src_fd, dst_fd, min(COPY_CHUNK, nbytes - done), offset + done)
+            if n == 0:
+                raise ConvertError(f"source ended after {done} of {nbytes} bytes")
+            done += n
+        return
+    except OSError:
+        # Not supported between these filesystems: fall back to a userspace copy of what remains.
+        pass
+    while done < nbytes:
+        chunk = os.pread(src_fd, min(COPY_CHUNK, nbytes - done), offset + done)
+        if not chunk:
+            raise ConvertError(f"source ended after {done} of {nbytes} bytes")
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(dst_fd, view) :]
+        done += len(chunk)
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it is durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Write a small file under a temporary name, fsync, rename into place."""
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

@@ -1,0 +1,119 @@
+"""The destination's state while a conversion is under way: lock, plan fingerprint, journal.
+
+A DST being written holds ``.nvfp4-convert/`` with ``lock`` (an exclusive ``flock`` held for the
+whole run), ``plan.json`` (the fingerprint of the plan being executed) and ``journal.jsonl`` (one
+line per finished shard: file, size, sha256 of its header). The report is written last and the
+state directory removed after it, so a DST is finished exactly when it has the report and no
+state directory (``dst_status``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .errors import ConvertError
+from .plan import Plan
+from .report import REPORT_JSON
+from .safetensors_io import encode_header, fsync_dir
+
+STATE_DIR = ".nvfp4-convert"
+
+
+def plan_fingerprint(plan: Plan) -> str:
+    """Stable hash of everything that determines the output bytes."""
+    h = hashlib.sha256()
+    h.update(json.dumps([plan.policy.name, plan.policy.experts, plan.ignored_layers]).encode())
+    for shard in plan.shards:
+        h.update(shard.file.encode())
+        for o in shard.outputs:
+            srcs = [(s.name, s.file.name, s.start, s.end) for s in o.sources]
+            h.update(json.dumps([o.name, o.dtype, list(o.shape), o.op, srcs, o.value]).encode())
+    return h.hexdigest()
+
+
+def header_digest(plan_shard_entries: list) -> str:
+    return hashlib.sha256(encode_header(plan_shard_entries)).hexdigest()
+
+
+def dst_status(dst: Path) -> str:
+    """``missing`` | ``empty`` | ``finished`` | ``unfinished`` (a run started here and did not end) | ``foreign``."""
+    if not dst.exists():
+        return "missing"
+    if not dst.is_dir():
+        return "foreign"
+    if (dst / STATE_DIR).exists():
+        return "unfinished"
+    if (dst / REPORT_JSON).exists():
+        return "finished"
+    return "empty" if not any(dst.iterdir()) else "foreign"
+
+
+class RunState:
+    """Lock + journal of one DST; use as a context manager around the run."""
+
+    def __init__(self, dst: Path, fingerprint: str, *, resume: bool) -> None:
+        self.dir = dst / STATE_DIR
+        self.fingerprint = fingerprint
+        self.resume = resume
+        self._lock_fd: int | None = None
+
+    def __enter__(self) -> RunState:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise ConvertError("another nvfp4-convert run holds this destination", file=self.dir.parent) from e
+        plan_file = self.dir / "plan.json"
+        if plan_file.exists():
+            recorded = json.loads(plan_file.read_text()).get("fingerprint")
+            if recorded != self.fingerprint:
+                raise ConvertError(
+                    "an unfinished run with a different plan (source, policy or options) is here; "
+                    "use the same options or start in an empty directory",
+                    file=self.dir.parent,
+                )
+        else:
+            plan_file.write_text(json.dumps({"fingerprint": self.fingerprint}))
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    @property
+    def journal(self) -> Path:
+        return self.dir / "journal.jsonl"
+
+    def finished(self) -> dict[str, dict]:
+        """Journal entries (file -> entry) of shards already finished."""
+        if not self.journal.exists():
+            return {}
+        out = {}
+        for line in self.journal.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a crash: that shard is simply redone
+            out[entry["file"]] = entry
+        return out
+
+    def record(self, file: str, size: int, header_sha256: str) -> None:
+        with open(self.journal, "a") as f:
+            f.write(json.dumps({"file": file, "size": size, "header_sha256": header_sha256}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def remove(self) -> None:
+        """Delete the state directory: the DST is finished."""
+        for p in self.dir.iterdir():
+            p.unlink()
+        self.dir.rmdir()
+        fsync_dir(self.dir.parent)

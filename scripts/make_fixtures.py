@@ -1,0 +1,534 @@
+#!/usr/bin/env python3
+"""Generate the tiny ModelOpt NVFP4 DeepSeek-V4 test fixtures under ``tests/fixtures/``.
+
+Each fixture is a *real* ModelOpt export: a randomly initialised transformers
+``DeepseekV4ForCausalLM`` (built with ``dtype=torch.bfloat16``, so transformers'
+``_keep_in_fp32_modules_strict`` modules stay float32), quantized with
+``mtq.quantize(model, NVFP4_DEFAULT_CFG + per-layer overrides, forward_loop)``
+and written by ``modelopt.torch.export.export_hf_checkpoint``. Nothing in an
+export is edited afterwards.
+
+What it writes (``--out`` defaults to ``tests/fixtures``):
+
+``tiny-dsv4/`` (``--which tiny`` or ``all``)
+    4 layers ``[sliding, heavily_compressed, compressed_sparse,
+    compressed_sparse]``, ``mlp_layer_types`` ``[hash_moe, hash_moe, moe, moe]``,
+    hidden 128, 4 experts top-2. ``o_a_proj`` is NVFP4 in layers 0 and 2 and BF16
+    in layers 1 and 3. Files, all as written by ``export_hf_checkpoint(...,
+    max_shard_size=TINY_MAX_SHARD_SIZE)``: ``config.json``,
+    ``generation_config.json``, ``hf_quant_config.json``,
+    ``model-0000{1,2,3}-of-00003.safetensors``, ``model.safetensors.index.json``.
+``tiny-dsv4-golden/dequant.safetensors`` (with ``tiny``)
+    For every NVFP4 linear ``X`` of ``tiny-dsv4`` (every ``X.weight_scale`` in
+    the export), key ``X`` (transformers module name, no ``.weight``) holds the
+    float32 weight computed by ModelOpt's own
+    ``NVFP4QTensor(shape, float32, X.weight).dequantize(dtype=float32,
+    scale=X.weight_scale, double_scale=X.weight_scale_2, block_sizes={-1: 16})``.
+    Routed experts of every layer are included when the file stays under
+    ``GOLDEN_MAX_BYTES``, otherwise only those of layer ``GOLDEN_EXPERT_LAYER``.
+``tiny-dsv4-ref/`` (with ``tiny``)
+    ``model.safetensors`` (one file): the same model's ``state_dict()`` *before*
+    quantization, transformers names (routed experts fused, as the module holds
+    them: ``mlp.experts.gate_up_proj`` [E, 2I, H], ``mlp.experts.down_proj``
+    [E, H, I]), BF16 with the float32 kept modules and int64 ``tid2eid``; and
+    ``config.json`` of the unquantized model.
+``tiny-dsv4-e2e/`` (``--which e2e`` or ``all``)
+    A model sized for vLLM's CPU kernels (``/work/shared/VLLM-CPU.md`` section
+    2): 3 layers ``[sliding, compressed_sparse, heavily_compressed]``, the first
+    hash-routed, 8 heads, head_dim 512, 64 experts top-6; every linear NVFP4
+    (``o_a_proj`` included). One shard, no index file.
+
+Before quantization ``tid2eid`` (valid, distinct expert ids per token),
+``sinks``, ``position_bias``, ``e_score_correction_bias``, every RMSNorm weight
+and the hyper-connection ``base``/``scale`` tensors are filled with distinct
+nonzero random values, so that a swapped or dropped tensor shows in a test.
+
+``o_a_proj`` and ModelOpt: transformers 5.24 implements ``self_attn.o_a_proj``
+as ``DeepseekV4GroupedLinear``, an ``nn.Linear`` subclass that overrides
+``forward`` (a batched ``bmm`` over groups). ModelOpt auto-quantizes only
+``nn.Linear`` subclasses that keep ``nn.Linear.forward``, and its HF exporter
+packs only modules whose class name contains ``QuantLinear``; so a plain run
+leaves ``o_a_proj`` BF16 everywhere. This script re-classes each ``o_a_proj``
+to :class:`LinearDeepseekV4Grouped` (same forward; the name makes the dynamic
+class ``QuantLinearDeepseekV4Grouped``) and registers it with ModelOpt's own
+``_QuantLinear`` (the class ModelOpt uses for ``nn.Linear``). The grouped
+forward reads ``self.weight``, which ModelOpt's dynamic attribute
+fake-quantizes, so calibration and export are ModelOpt's unchanged NVFP4 path.
+Each layer in ``bf16_o_a_layers`` gets
+``{"quantizer_name": "*layers.N.self_attn.o_a_proj*", "enable": False}``
+appended to the quant config and is exported BF16 (ModelOpt then lists it in
+``ignore`` / ``exclude_modules``).
+
+Made with (CPU only): Python 3.11.7, torch 2.13.0+cpu, transformers 5.24.0,
+nvidia-modelopt 0.45.0, safetensors 0.8.0, numpy 2.4.6 (requests 2.34.2, needed
+by modelopt's import).
+
+Usage::
+
+    python scripts/make_fixtures.py [--out DIR] [--which all|tiny|e2e] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import modelopt.torch.quantization as mtq
+import torch
+from modelopt.torch.export import export_hf_checkpoint
+from modelopt.torch.quantization.nn import QuantModuleRegistry
+from modelopt.torch.quantization.nn.modules.quant_linear import _QuantLinear
+from modelopt.torch.quantization.qtensor import NVFP4QTensor
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+from transformers.models.deepseek_v4.modeling_deepseek_v4 import (
+    DeepseekV4GroupedLinear,
+    DeepseekV4HyperConnection,
+    DeepseekV4HyperHead,
+    DeepseekV4RMSNorm,
+)
+
+NVFP4_BLOCK = 16
+TINY_MAX_SHARD_SIZE = "450KB"
+TINY_NUM_SHARDS = 3
+GOLDEN_MAX_BYTES = 3_000_000
+GOLDEN_EXPERT_LAYER = 2
+QUANT_SUFFIXES = ("weight", "weight_scale", "weight_scale_2", "input_scale")
+
+
+class LinearDeepseekV4Grouped(DeepseekV4GroupedLinear):
+    """``DeepseekV4GroupedLinear`` under a name ModelOpt's exporter takes as linear.
+
+    ModelOpt names the dynamic class ``"Quant" + cls.__name__`` and its HF exporter
+    packs a module only when that name contains ``QuantLinear``
+    (``modelopt.torch.export.layer_utils.is_quantlinear``). Behaviour is identical
+    to the parent class.
+    """
+
+
+if LinearDeepseekV4Grouped not in QuantModuleRegistry:
+    QuantModuleRegistry.register({LinearDeepseekV4Grouped: "LinearDeepseekV4Grouped"})(_QuantLinear)
+
+
+@dataclass
+class FixtureSpec:
+    """Recipe of one fixture."""
+
+    name: str
+    config: DeepseekV4Config
+    bf16_o_a_layers: list[int] = field(default_factory=list)
+    calib_batches: int = 2
+    calib_tokens: int = 32
+    max_shard_size: str = "10GB"
+    num_shards: int = 1
+
+
+def tiny_config() -> DeepseekV4Config:
+    """Config of ``tiny-dsv4``: the shared fixture's dims, 2 hash + 2 scored MoE."""
+    return DeepseekV4Config(
+        vocab_size=256,
+        hidden_size=128,
+        moe_intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=64,
+        q_lora_rank=64,
+        num_experts_per_tok=2,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        o_groups=2,
+        o_lora_rank=64,
+        index_n_heads=2,
+        index_head_dim=64,
+        index_topk=4,
+        sliding_window=16,
+        max_position_embeddings=256,
+        num_nextn_predict_layers=0,
+        layer_types=[
+            "sliding_attention",
+            "heavily_compressed_attention",
+            "compressed_sparse_attention",
+            "compressed_sparse_attention",
+        ],
+        mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"],
+        architectures=["DeepseekV4ForCausalLM"],
+    )
+
+
+def e2e_config() -> DeepseekV4Config:
+    """Config of ``tiny-dsv4-e2e``: the smallest model vLLM's CPU kernels accept."""
+    return DeepseekV4Config(
+        vocab_size=256,
+        hidden_size=128,
+        moe_intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=1,
+        head_dim=512,
+        partial_rotary_factor=64 / 512,  # qk_rope_head_dim 64
+        q_lora_rank=128,
+        num_experts_per_tok=6,
+        n_routed_experts=64,
+        n_shared_experts=1,
+        o_groups=2,
+        o_lora_rank=128,
+        index_n_heads=8,
+        index_head_dim=128,
+        index_topk=512,
+        sliding_window=128,
+        max_position_embeddings=4096,
+        num_nextn_predict_layers=0,
+        layer_types=[
+            "sliding_attention",
+            "compressed_sparse_attention",
+            "heavily_compressed_attention",
+        ],
+        mlp_layer_types=["hash_moe", "moe", "moe"],
+        architectures=["DeepseekV4ForCausalLM"],
+    )
+
+
+def _fp32_kept(name: str, patterns: Iterable[str]) -> bool:
+    """Whether ``name`` is in a module transformers keeps in float32 (strict)."""
+    parts = name.split(".")
+    return any(p in parts for p in patterns)
+
+
+@torch.no_grad()
+def build_model(config: DeepseekV4Config, seed: int) -> DeepseekV4ForCausalLM:
+    """Random model as a ``dtype=bfloat16`` load gives it; distinctive plain tensors."""
+    torch.manual_seed(seed)
+    model = DeepseekV4ForCausalLM._from_config(config, dtype=torch.bfloat16)
+    model.eval()
+    gen = torch.Generator().manual_seed(seed + 1000)
+
+    def randn_like(t: torch.Tensor, scale: float, offset: float = 0.0) -> torch.Tensor:
+        return (torch.randn(t.shape, generator=gen) * scale + offset).to(t.dtype)
+
+    for module in model.modules():
+        if isinstance(module, DeepseekV4RMSNorm):
+            module.weight.copy_(randn_like(module.weight, 0.1, 1.0))
+        elif isinstance(module, DeepseekV4HyperConnection):
+            module.base.copy_(randn_like(module.base, 0.1))
+            module.scale.copy_(randn_like(module.scale, 0.1, 1.0))
+        elif isinstance(module, DeepseekV4HyperHead):
+            module.hc_base.copy_(randn_like(module.hc_base, 0.1))
+            module.hc_scale.copy_(randn_like(module.hc_scale, 0.1, 1.0))
+        if hasattr(module, "sinks"):
+            module.sinks.copy_(randn_like(module.sinks, 0.5))
+        if isinstance(getattr(module, "position_bias", None), torch.Tensor):
+            module.position_bias.copy_(randn_like(module.position_bias, 0.1))
+        if isinstance(getattr(module, "e_score_correction_bias", None), torch.Tensor):
+            module.e_score_correction_bias.copy_(randn_like(module.e_score_correction_bias, 0.01))
+        if isinstance(getattr(module, "tid2eid", None), torch.Tensor):
+            vocab, top_k = module.tid2eid.shape
+            rows = [torch.randperm(config.n_routed_experts, generator=gen)[:top_k] for _ in range(vocab)]
+            module.tid2eid.copy_(torch.stack(rows).to(torch.int64))
+    check_plain_dtypes(model)
+    return model
+
+
+def check_plain_dtypes(model: DeepseekV4ForCausalLM) -> None:
+    """Assert fp32 kept modules are float32, ``tid2eid`` int64, the rest BF16."""
+    kept = type(model)._keep_in_fp32_modules_strict
+    for name, tensor in model.state_dict().items():
+        if name.endswith("tid2eid"):
+            want = torch.int64
+        elif _fp32_kept(name, kept):
+            want = torch.float32
+        else:
+            want = torch.bfloat16
+        if tensor.dtype != want:
+            raise AssertionError(f"{name}: {tensor.dtype}, expected {want}")
+
+
+def enable_o_a_proj_quantization(model: DeepseekV4ForCausalLM) -> None:
+    """Re-class every ``o_a_proj`` so ModelOpt quantizes and exports it (see top)."""
+    for layer in model.model.layers:
+        o_a = layer.self_attn.o_a_proj
+        assert type(o_a) is DeepseekV4GroupedLinear, type(o_a)
+        o_a.__class__ = LinearDeepseekV4Grouped
+
+
+def quant_config(bf16_o_a_layers: Iterable[int]) -> dict:
+    """``NVFP4_DEFAULT_CFG`` plus one disabling entry per BF16 ``o_a_proj`` layer."""
+    cfg = dict(mtq.NVFP4_DEFAULT_CFG)
+    cfg["quant_cfg"] = list(cfg["quant_cfg"]) + [
+        {"quantizer_name": f"*layers.{i}.self_attn.o_a_proj*", "enable": False} for i in bf16_o_a_layers
+    ]
+    return cfg
+
+
+def make_forward_loop(vocab: int, batches: int, tokens: int, seed: int) -> Callable[[nn.Module], None]:
+    """Calibration loop over random token batches (fixed seed)."""
+
+    def forward_loop(model: nn.Module) -> None:
+        gen = torch.Generator().manual_seed(seed + 2000)
+        with torch.no_grad():
+            for _ in range(batches):
+                model(torch.randint(0, vocab, (1, tokens), generator=gen))
+
+    return forward_loop
+
+
+def write_export(spec: FixtureSpec, seed: int, out_root: Path) -> dict[str, torch.Tensor]:
+    """Build, quantize and export one fixture; return the pre-quantization weights."""
+    model = build_model(spec.config, seed)
+    reference = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    enable_o_a_proj_quantization(model)
+    loop = make_forward_loop(spec.config.vocab_size, spec.calib_batches, spec.calib_tokens, seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = mtq.quantize(model, quant_config(spec.bf16_o_a_layers), loop)
+    dest = out_root / spec.name
+    if dest.exists():
+        shutil.rmtree(dest)
+    with tempfile.TemporaryDirectory() as tmp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            export_hf_checkpoint(model, export_dir=tmp, max_shard_size=spec.max_shard_size)
+        shutil.copytree(tmp, dest)
+    _make_readable(dest)
+    shards = sorted(dest.glob("*.safetensors"))
+    if len(shards) != spec.num_shards:
+        raise SystemExit(
+            f"{spec.name}: export wrote {len(shards)} shards, "
+            f"expected {spec.num_shards}; "
+            f"adjust max_shard_size ({spec.max_shard_size})"
+        )
+    return reference
+
+
+def _make_readable(directory: Path) -> None:
+    """Give a written fixture directory ordinary permissions (0755 dir, 0644 files)."""
+    directory.chmod(0o755)
+    for path in directory.iterdir():
+        path.chmod(0o644)
+
+
+def load_export(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an export directory (any number of shards)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            for key in f.keys():  # noqa: SIM118
+                assert key not in tensors, f"{key} duplicated across shards"
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def quantized_modules(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names (no ``.weight``) of all NVFP4 linears: those with a ``weight_scale``."""
+    return sorted(k[: -len(".weight_scale")] for k in tensors if k.endswith(".weight_scale"))
+
+
+def modelopt_dequantize(tensors: dict[str, torch.Tensor], module: str) -> torch.Tensor:
+    """float32 weight of one NVFP4 linear by ModelOpt's ``NVFP4QTensor.dequantize``."""
+    packed = tensors[f"{module}.weight"]
+    shape = torch.Size([packed.shape[0], packed.shape[1] * 2])
+    qtensor = NVFP4QTensor(shape, torch.float32, packed)
+    return qtensor.dequantize(
+        dtype=torch.float32,
+        scale=tensors[f"{module}.weight_scale"],
+        double_scale=tensors[f"{module}.weight_scale_2"],
+        block_sizes={-1: NVFP4_BLOCK},
+    ).contiguous()
+
+
+def write_golden(export_dir: Path, golden_dir: Path) -> list[str]:
+    """Write ``dequant.safetensors``; return the modules it holds."""
+    tensors = load_export(export_dir)
+    golden = {m: modelopt_dequantize(tensors, m) for m in quantized_modules(tensors)}
+    total = sum(t.numel() * t.element_size() for t in golden.values())
+    if total > GOLDEN_MAX_BYTES:
+        keep_prefix = f"model.layers.{GOLDEN_EXPERT_LAYER}.mlp.experts."
+        golden = {k: v for k, v in golden.items() if ".mlp.experts." not in k or k.startswith(keep_prefix)}
+    if golden_dir.exists():
+        shutil.rmtree(golden_dir)
+    golden_dir.mkdir(parents=True)
+    save_file(golden, str(golden_dir / "dequant.safetensors"), metadata={"format": "pt"})
+    _make_readable(golden_dir)
+    return sorted(golden)
+
+
+def write_reference(reference: dict[str, torch.Tensor], config: DeepseekV4Config, ref_dir: Path) -> None:
+    """Write the pre-quantization weights (one file) and the unquantized config."""
+    if ref_dir.exists():
+        shutil.rmtree(ref_dir)
+    ref_dir.mkdir(parents=True)
+    save_file(reference, str(ref_dir / "model.safetensors"), metadata={"format": "pt"})
+    config.dtype = torch.bfloat16  # as a ``dtype=bfloat16`` model's config says
+    config.to_json_file(str(ref_dir / "config.json"))
+    _make_readable(ref_dir)
+
+
+def verify_export(directory: Path, expect_bf16_o_a: Iterable[int], num_layers: int) -> None:
+    """Reopen an export, print every tensor, check each NVFP4 linear's 4 tensors."""
+    tensors = load_export(directory)
+    index_path = directory / "model.safetensors.index.json"
+    if index_path.exists():
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        assert set(weight_map) == set(tensors), "index.json does not list exactly the tensors"
+    for key in sorted(tensors):
+        t = tensors[key]
+        print(f"  {key:78s} {str(t.dtype)[6:]:14s} {tuple(t.shape)}")
+    modules = quantized_modules(tensors)
+    for m in modules:
+        w, ws = tensors[f"{m}.weight"], tensors[f"{m}.weight_scale"]
+        ws2, ins = tensors[f"{m}.weight_scale_2"], tensors[f"{m}.input_scale"]
+        assert w.dtype == torch.uint8 and w.dim() == 2, m
+        assert ws.dtype == torch.float8_e4m3fn, m
+        assert tuple(ws.shape) == (w.shape[0], w.shape[1] * 2 // NVFP4_BLOCK), m
+        assert ws2.dtype == torch.float32 and ws2.dim() == 0, m
+        assert ins.dtype == torch.float32 and ins.dim() == 0, m
+    stray = [k for k in tensors if k.rsplit(".", 1)[-1] in QUANT_SUFFIXES[1:] and k.rsplit(".", 1)[0] not in modules]
+    assert not stray, stray
+    bf16_o_a = set(expect_bf16_o_a)
+    for i in range(num_layers):
+        key = f"model.layers.{i}.self_attn.o_a_proj"
+        want = torch.bfloat16 if i in bf16_o_a else torch.uint8
+        assert tensors[f"{key}.weight"].dtype == want, (
+            key,
+            tensors[f"{key}.weight"].dtype,
+        )
+    print(f"  {len(tensors)} tensors, {len(modules)} NVFP4 linears: OK")
+
+
+def verify_golden(golden_path: Path, export_dir: Path, reference: dict[str, torch.Tensor]) -> None:
+    """Check the golden weights against the pre-quantization ones and a 2nd decoder."""
+    with safe_open(str(golden_path), "pt") as f:
+        golden = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    tensors = load_export(export_dir)
+    worst = 0.0
+    for name, deq in golden.items():
+        assert deq.dtype == torch.float32
+        src = _reference_weight(reference, name).float()
+        assert deq.shape == src.shape, (name, deq.shape, src.shape)
+        # Per-block bound: half the largest E2M1 step (2, at the top of the range)
+        # times the block scale, plus the e4m3 rounding of that block scale.
+        block_scale = tensors[f"{name}.weight_scale"].float() * tensors[f"{name}.weight_scale_2"]
+        bound = block_scale.repeat_interleave(NVFP4_BLOCK, dim=1) * (1.0 + 6 * 2**-3)
+        contract = _contract_dequantize(tensors, name)
+        assert torch.equal(deq.view(torch.int32), contract.view(torch.int32)), name
+        err = (deq - src).abs()
+        assert torch.all(err <= bound + 1e-12), name
+        worst = max(worst, float((err / src.abs().amax()).max()))
+    print(f"  golden: {len(golden)} modules, max |deq - bf16| / amax = {worst:.3f}: OK")
+
+
+def _contract_dequantize(tensors: dict[str, torch.Tensor], module: str) -> torch.Tensor:
+    """Independent decoder: ``E2M1[code] * (float32(weight_scale) * weight_scale_2)``.
+
+    Low nibble = even column, high nibble = odd column, bit 3 = sign (CONTRACT.md
+    section 1). Only used to confirm it is bit-identical to ModelOpt's decoder.
+    """
+    e2m1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, 0, -0.5, -1, -1.5, -2, -3, -4, -6])
+    packed = tensors[f"{module}.weight"]
+    codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(1).long()
+    scale = tensors[f"{module}.weight_scale"].float() * tensors[f"{module}.weight_scale_2"]
+    return e2m1[codes] * scale.repeat_interleave(NVFP4_BLOCK, dim=1)
+
+
+def _reference_weight(reference: dict[str, torch.Tensor], module: str) -> torch.Tensor:
+    """Pre-quantization weight of a module (splits the fused routed experts)."""
+    if f"{module}.weight" in reference:
+        return reference[f"{module}.weight"]
+    prefix, expert, proj = module.rsplit(".", 2)
+    e = int(expert)
+    if proj == "down_proj":
+        return reference[f"{prefix}.down_proj"][e]
+    gate_up = reference[f"{prefix}.gate_up_proj"][e]
+    half = gate_up.shape[0] // 2
+    return gate_up[:half] if proj == "gate_proj" else gate_up[half:]
+
+
+def verify_reference(ref_dir: Path, export_dir: Path) -> None:
+    """Check the reference loads strictly and matches each plain export tensor."""
+    with safe_open(str(ref_dir / "model.safetensors"), "pt") as f:
+        ref = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    model = DeepseekV4ForCausalLM._from_config(
+        DeepseekV4Config.from_json_file(str(ref_dir / "config.json")),
+        dtype=torch.bfloat16,
+    )
+    model.load_state_dict(ref, strict=True)
+    check_plain_dtypes(model)
+    tensors = load_export(export_dir)
+    quantized = set(quantized_modules(tensors))
+    plain = [k for k in tensors if k.rsplit(".", 1)[0] not in quantized]
+    for key in plain:
+        assert tensors[key].dtype == ref[key].dtype, key
+        assert torch.equal(tensors[key].view(torch.uint8), ref[key].view(torch.uint8)), key
+    print(f"  ref: loads strictly; {len(plain)} plain export tensors byte-identical: OK")
+
+
+def file_sizes(directory: Path) -> None:
+    """Print the files of a fixture directory with their sizes."""
+    for path in sorted(directory.iterdir()):
+        print(f"  {path.name:40s} {path.stat().st_size:>10d}")
+
+
+def make_tiny(out_root: Path, seed: int) -> None:
+    """``tiny-dsv4`` + its golden dequantization + its BF16 reference."""
+    spec = FixtureSpec(
+        name="tiny-dsv4",
+        config=tiny_config(),
+        bf16_o_a_layers=[1, 3],
+        max_shard_size=TINY_MAX_SHARD_SIZE,
+        num_shards=TINY_NUM_SHARDS,
+    )
+    reference = write_export(spec, seed, out_root)
+    export_dir = out_root / spec.name
+    print(f"{export_dir}:")
+    verify_export(export_dir, spec.bf16_o_a_layers, spec.config.num_hidden_layers)
+    golden_dir = out_root / "tiny-dsv4-golden"
+    write_golden(export_dir, golden_dir)
+    verify_golden(golden_dir / "dequant.safetensors", export_dir, reference)
+    write_reference(reference, tiny_config(), out_root / "tiny-dsv4-ref")
+    verify_reference(out_root / "tiny-dsv4-ref", export_dir)
+    for d in (export_dir, golden_dir, out_root / "tiny-dsv4-ref"):
+        print(f"{d}:")
+        file_sizes(d)
+
+
+def make_e2e(out_root: Path, seed: int) -> None:
+    """``tiny-dsv4-e2e``: vLLM-CPU-sized, every linear NVFP4, one shard."""
+    spec = FixtureSpec(
+        name="tiny-dsv4-e2e",
+        config=e2e_config(),
+        calib_batches=4,
+        calib_tokens=64,
+    )
+    write_export(spec, seed, out_root)
+    export_dir = out_root / spec.name
+    print(f"{export_dir}:")
+    verify_export(export_dir, [], spec.config.num_hidden_layers)
+    file_sizes(export_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--out", type=Path, default=Path("tests/fixtures"))
+    parser.add_argument("--which", choices=("all", "tiny", "e2e"), default="all")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.which in ("all", "tiny"):
+        make_tiny(args.out, args.seed)
+    if args.which in ("all", "e2e"):
+        make_e2e(args.out, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
