@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from pathlib import Path
 
 import pytest
@@ -45,5 +44,3 @@ def convert_once(tmp_path_factory: pytest.TempPathFactory):
         return cache[key]
 
     return convert
-
-

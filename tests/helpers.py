@@ -25,7 +25,11 @@ def load_all(path: Path) -> Tensors:
 
 
 def mutated_copy(
-    src: Path, dst: Path, change: Callable[[Tensors], None] | None = None, *, config: Callable[[dict], None] | None = None
+    src: Path,
+    dst: Path,
+    change: Callable[[Tensors], None] | None = None,
+    *,
+    config: Callable[[dict], None] | None = None,
 ) -> Path:
     """Copy ``src`` to ``dst`` as a single shard after ``change`` edited its tensors (``config`` its config)."""
     dst.mkdir(parents=True)
