@@ -1,0 +1,147 @@
+"""Numeric codecs against the libraries that define the formats.
+
+- NVFP4 decoding: ModelOpt's own dequantization (``NVFP4QTensor.dequantize``), stored as golden
+  values when the fixture was generated (``tests/fixtures/tiny-dsv4-golden``).
+- FP8 block quantization: vLLM's own ``per_block_cast_to_fp8(x, [128, 128], use_ue8m0=True)``.
+- e8m0 storage: torch's ``float8_e8m0fnu``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import GOLDEN, REPO_FIXTURE
+from helpers import load_all
+
+from nvfp4_convert.codecs import (
+    dequantize_fp8_block,
+    dequantize_nvfp4,
+    fold_global_scales,
+    is_power_of_two,
+    quantize_fp8_block,
+    unpack_e2m1,
+)
+
+
+@pytest.fixture(scope="module")
+def golden() -> dict[str, torch.Tensor]:
+    if not GOLDEN.exists():
+        pytest.skip("golden values not present")
+    return load_all(GOLDEN.parent)
+
+
+def test_nvfp4_decoding_equals_modelopt_bit_for_bit(golden):
+    src = load_all(REPO_FIXTURE)
+    assert len(golden) >= 50
+    for module, expected in golden.items():
+        got = dequantize_nvfp4(src[f"{module}.weight"], src[f"{module}.weight_scale"], src[f"{module}.weight_scale_2"])
+        assert got.dtype == torch.float32
+        assert torch.equal(got.view(torch.int32), expected.view(torch.int32)), module
+
+
+def test_nvfp4_decoding_of_a_row_band_equals_the_rows_of_the_whole(golden):
+    src = load_all(REPO_FIXTURE)
+    module = next(m for m in golden if golden[m].shape[0] >= 128)
+    w, ws, ws2 = (src[f"{module}.{p}"] for p in ("weight", "weight_scale", "weight_scale_2"))
+    band = dequantize_nvfp4(w[32:96], ws[32:96], ws2)
+    assert torch.equal(band, golden[module][32:96])
+
+
+def test_e2m1_nibble_order_and_table():
+    # byte 0x71: low nibble 1 (0.5) is element 0, high nibble 7 (6.0) element 1; 0x8F: -6.0 then +0.0
+    packed = torch.tensor([[0x71, 0x8F]], dtype=torch.uint8)
+    assert unpack_e2m1(packed).tolist() == [[0.5, 6.0, -6.0, 0.0]]
+
+
+def test_input_scale_never_enters_dequantization():
+    import inspect
+
+    assert "input_scale" not in inspect.signature(dequantize_nvfp4).parameters
+
+
+vllm_deep_gemm = pytest.importorskip("vllm.utils.deep_gemm")
+
+
+def _fp8_cases() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(384, 300, generator=g) * 3
+    big[:128, :128] = 0  # an all-zero block: amax floor 1e-4
+    big[128:256, 128:256] *= 1e-7  # tiny values
+    big[256:, 256:] *= 1e4  # large values
+    return [
+        torch.randn(128, 128, generator=g),
+        torch.randn(200, 130, generator=g) * 0.01,  # ragged: padding in both dims
+        big,
+        dequantize_nvfp4(
+            torch.randint(0, 256, (256, 128), dtype=torch.uint8, generator=g),
+            (torch.rand(256, 16, generator=g) * 400).to(torch.float8_e4m3fn),
+            torch.tensor(3.1e-4),
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_fp8_block_quantization_equals_vllm_ue8m0_quantizer(case):
+    x = _fp8_cases()[case]
+    q, s = quantize_fp8_block(x)
+    ref_q, ref_s = vllm_deep_gemm.per_block_cast_to_fp8(x, [128, 128], use_ue8m0=True)
+    assert q.dtype == torch.float8_e4m3fn and ref_q.dtype == torch.float8_e4m3fn
+    assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+    assert torch.equal(s, ref_s.to(torch.float32))
+    assert bool(is_power_of_two(s).all())
+    # stored as e8m0: exact, because every scale is a power of two
+    assert torch.equal(s.to(torch.float8_e8m0fnu).to(torch.float32), s)
+
+
+def test_fp8_quantization_of_row_bands_equals_the_whole():
+    x = _fp8_cases()[2]
+    q, s = quantize_fp8_block(x)
+    q1, s1 = quantize_fp8_block(x[:128])
+    q2, s2 = quantize_fp8_block(x[128:])
+    assert torch.equal(torch.cat([q1, q2]).view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(torch.cat([s1, s2]), s)
+
+
+def test_fp8_round_trip_error_is_within_half_an_e4m3_step():
+    x = _fp8_cases()[0]
+    q, s = quantize_fp8_block(x)
+    err = (dequantize_fp8_block(q, s) - x).abs()
+    # e4m3: 3 mantissa bits (half an ulp <= 2^-4 of the value); subnormal step 2^-9 of the scale
+    assert bool((err <= x.abs() * 2**-4 + s.max() * 2**-10).all())
+
+
+def test_is_power_of_two():
+    t = torch.tensor([1.0, 0.5, 2.0**-20, 3.0, 0.0, -2.0, float("inf"), float("nan"), 0.75])
+    assert is_power_of_two(t).tolist() == [True, True, True, False, False, False, False, False, False]
+
+
+class TestGateUpFold:
+    """Trap 6: gate/up with different global scales get the larger one; the smaller half is rescaled."""
+
+    def setup_method(self):
+        g = torch.Generator().manual_seed(1)
+        self.ws_g = (torch.rand(64, 8, generator=g) * 448).to(torch.float8_e4m3fn)
+        self.ws_u = (torch.rand(64, 8, generator=g) * 448).to(torch.float8_e4m3fn)
+        self.codes = torch.randint(0, 256, (64, 64), dtype=torch.uint8, generator=g)
+
+    def test_equal_scales_are_untouched(self):
+        s = torch.tensor(2e-4)
+        out = fold_global_scales(self.ws_g, s, self.ws_u, s)
+        assert out[0] is self.ws_g and out[2] is self.ws_u
+
+    @pytest.mark.parametrize("smaller", ["gate", "up"])
+    def test_smaller_half_rescaled_to_the_larger_global_scale(self, smaller):
+        small, big = torch.tensor(1e-4), torch.tensor(3e-4)
+        g2, u2 = (small, big) if smaller == "gate" else (big, small)
+        ws_g, new_g2, ws_u, new_u2 = fold_global_scales(self.ws_g, g2, self.ws_u, u2)
+        assert float(new_g2) == float(new_u2) == float(big)
+        assert ws_g.dtype == ws_u.dtype == torch.float8_e4m3fn
+        assert float(ws_g.float().max()) <= 448 and float(ws_u.float().max()) <= 448
+        before = dequantize_nvfp4(self.codes, self.ws_g if smaller == "gate" else self.ws_u, small)
+        after = dequantize_nvfp4(self.codes, ws_g if smaller == "gate" else ws_u, big)
+        # the rescaled block scales are e4m3-rounded: within one e4m3 rounding (2^-4 relative), or the
+        # subnormal step, of the original weight
+        step = 2.0**-9 * float(big) * 6
+        assert bool(((after - before).abs() <= before.abs() * 2**-4 + step).all())
+        untouched = ws_u if smaller == "gate" else ws_g
+        assert untouched is (self.ws_u if smaller == "gate" else self.ws_g)
