@@ -234,7 +234,7 @@ class ShardWriter:
     def write(self, data: torch.Tensor | bytes | memoryview) -> None:
         """Append bytes (a contiguous tensor's storage or a buffer) to the current tensor."""
         if isinstance(data, torch.Tensor):
-            data = memoryview(data.contiguous().view(torch.uint8).reshape(-1).numpy())
+            data = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy())
         view = memoryview(data).cast("B")
         self._expect(len(view))
         self._f.write(view)
