@@ -34,6 +34,7 @@ from .execute import default_workers
 from .inspect import inspect_checkpoint
 from .plan import DEFAULT_SHARD_BYTES, Plan
 from .policy import Policy
+from .probe import probe_cmd
 from .report import summary_tables
 
 app = typer.Typer(
@@ -233,6 +234,9 @@ def demo_cmd(
             out.print(f"  {row['role']:<22} {row['format']:<7} {row['modules']}")
 
     _fail_cleanly(go)
+
+
+app.command("probe")(probe_cmd)
 
 
 @app.callback(invoke_without_command=True)

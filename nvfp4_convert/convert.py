@@ -66,11 +66,16 @@ def check_destination(src: Path, dst: Path, *, resume: bool, needed_bytes: int) 
     parent = dst if dst.exists() else dst.parent
     if not parent.exists():
         raise ConvertError("parent directory does not exist", file=parent)
-    if not os.access(parent, os.W_OK):
+    if not writable(parent):
         raise ConvertError("not writable", file=parent)
     free = shutil.disk_usage(parent).free
     if free < needed_bytes:
         raise ConvertError(f"needs {needed_bytes / 1e9:.2f} GB, only {free / 1e9:.2f} GB free", file=parent)
+
+
+def writable(path: Path) -> bool:
+    """Whether this process may create files in ``path``."""
+    return os.access(path, os.W_OK)
 
 
 def run(

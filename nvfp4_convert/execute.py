@@ -13,6 +13,7 @@ Contract:
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -121,7 +122,8 @@ def write_shard(shard: Shard, dst: Path, progress: Progress | None = None) -> Sh
                     progress(out.nbytes, 1)
             writer.commit()
     except OSError as e:
-        raise ConvertError(f"cannot write: {e.strerror or e}", file=final) from e
+        hint = "; free space and rerun with --resume" if e.errno == errno.ENOSPC else ""
+        raise ConvertError(f"cannot write: {e.strerror or e}{hint}", file=final) from e
     return ShardResult(shard.file, final.stat().st_size)
 
 

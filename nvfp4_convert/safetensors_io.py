@@ -13,6 +13,7 @@ Files written here are read back by ``safetensors`` itself in the tests.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -267,6 +268,9 @@ class ShardWriter:
         self.partial.unlink(missing_ok=True)
 
 
+_NO_COPY_FILE_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.EPERM}
+
+
 def copy_file_range(src_fd: int, dst_fd: int, offset: int, nbytes: int) -> None:
     """Copy ``nbytes`` from ``src_fd`` at ``offset`` to ``dst_fd``'s current position (kernel-side)."""
     done = 0
@@ -277,9 +281,10 @@ def copy_file_range(src_fd: int, dst_fd: int, offset: int, nbytes: int) -> None:
                 raise ConvertError(f"source ended after {done} of {nbytes} bytes")
             done += n
         return
-    except OSError:
-        # Not supported between these filesystems: fall back to a userspace copy of what remains.
-        pass
+    except OSError as e:
+        if e.errno not in _NO_COPY_FILE_RANGE:
+            raise
+        # Not supported between these files or filesystems: copy what remains through userspace.
     while done < nbytes:
         chunk = os.pread(src_fd, min(COPY_CHUNK, nbytes - done), offset + done)
         if not chunk:
