@@ -98,6 +98,8 @@ def run(
     check_destination(src, dst, resume=resume, needed_bytes=plan.output_bytes - done_bytes)
     dst.mkdir(parents=True, exist_ok=True)
     with RunState(dst, plan_fingerprint(plan), resume=resume) as state:
+        for stale in dst.glob("*.partial"):  # left by a killed run; never part of a finished shard
+            stale.unlink()
         finished = state.finished()
         todo = []
         for shard in plan.shards:
@@ -158,6 +160,8 @@ def _write_metadata(prep: Prepared, dst: Path) -> None:
 
 def link_or_copy(src: Path, dst: Path) -> None:
     """Hard-link ``src`` to ``dst`` (same filesystem), else copy it; replaces ``dst``."""
+    if dst.exists() and os.path.samefile(src, dst):
+        return  # linked by an earlier (interrupted) run; rename(2) onto the same inode would be a no-op
     tmp = dst.with_name(dst.name + ".partial")
     tmp.unlink(missing_ok=True)
     try:

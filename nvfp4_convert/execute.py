@@ -139,12 +139,11 @@ def _init_worker(queue: object) -> None:
 
 
 def _worker_progress(nbytes: int, ntensors: int) -> None:
-    assert _queue is not None
-    _queue.put((nbytes, ntensors))
+    _queue.put((nbytes, ntensors))  # type: ignore[attr-defined]
 
 
 def _write_shard_in_worker(shard: Shard, dst: Path) -> ShardResult:
-    return write_shard(shard, dst, _worker_progress)
+    return write_shard(shard, dst, _worker_progress if _queue is not None else None)
 
 
 def write_shards(

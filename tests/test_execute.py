@@ -1,0 +1,52 @@
+"""Execution: output bytes depend only on the plan (not on workers or band size); progress adds up."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from conftest import REPO_FIXTURE
+
+import nvfp4_convert.execute as execute
+from nvfp4_convert.convert import run
+from nvfp4_convert.policy import Policy
+
+
+def _shard_digests(dst: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(dst.glob("*.safetensors"))}
+
+
+@pytest.mark.parametrize("policy", ["default", "fp8"])
+def test_output_is_identical_for_one_and_many_workers(tmp_path, policy):
+    one, many = tmp_path / "one", tmp_path / "many"
+    run(REPO_FIXTURE, one, Policy(policy), workers=1, shard_bytes=200_000)
+    run(REPO_FIXTURE, many, Policy(policy), workers=max(2, execute.default_workers() * 2), shard_bytes=200_000)
+    assert len(_shard_digests(one)) > 3
+    assert _shard_digests(one) == _shard_digests(many)
+    assert (one / "model.safetensors.index.json").read_bytes() == (many / "model.safetensors.index.json").read_bytes()
+    assert (one / "config.json").read_bytes() == (many / "config.json").read_bytes()
+
+
+def test_row_bands_do_not_change_the_bytes(tmp_path, monkeypatch, convert_once):
+    monkeypatch.setattr(execute, "BAND_BYTES", 1)  # one 128-row band at a time
+    dst = tmp_path / "out"
+    run(REPO_FIXTURE, dst, Policy("fp8", "bf16"))
+    assert _shard_digests(dst) == _shard_digests(convert_once(REPO_FIXTURE, "fp8", "bf16"))
+
+
+def test_band_rows_are_multiples_of_128_and_bounded():
+    assert execute.band_rows(7168) % 128 == 0
+    assert execute.band_rows(7168) * 7168 * 4 <= execute.BAND_BYTES
+    assert execute.band_rows(10**9) == 128
+
+
+def test_progress_counts_every_byte_and_tensor(tmp_path):
+    seen = [0, 0]
+
+    def progress(nbytes: int, ntensors: int) -> None:
+        seen[0] += nbytes
+        seen[1] += ntensors
+
+    report = run(REPO_FIXTURE, tmp_path / "out", Policy(), workers=2, shard_bytes=300_000, progress=progress)
+    assert seen == [report["totals"]["output_bytes"], report["totals"]["output_tensors"]]
