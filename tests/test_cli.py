@@ -1,0 +1,64 @@
+"""The command line as a user meets it: plan, run, inspect, demo; errors are one red line."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import REPO_FIXTURE, SHARED_FIXTURE
+from typer.testing import CliRunner
+
+from nvfp4_convert.cli import app, parse_size
+
+runner = CliRunner()
+
+
+def test_plan_writes_nothing_and_shows_the_actions(tmp_path):
+    before = sorted(p.name for p in REPO_FIXTURE.iterdir())
+    result = runner.invoke(app, ["plan", str(REPO_FIXTURE), "--json", str(tmp_path / "plan.json")])
+    assert result.exit_code == 0, result.output
+    for word in ("quantized", "dequantized", "dropped", "routed_expert", "F8_E8M0", "ignored_layers"):
+        assert word in result.output
+    assert sorted(p.name for p in REPO_FIXTURE.iterdir()) == before
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["totals"]["input_tensors"] == len(plan["tensors"])
+
+
+def test_run_then_inspect(tmp_path):
+    dst = tmp_path / "out"
+    result = runner.invoke(app, ["run", str(SHARED_FIXTURE), str(dst), "--policy", "fp8", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert "done" in result.output
+    result = runner.invoke(app, ["inspect", str(dst), "--deep", "--json", str(tmp_path / "i.json")])
+    assert result.exit_code == 0, result.output
+    info = json.loads((tmp_path / "i.json").read_text())
+    assert info["status"] == "converted" and info["naming"] == "native" and info["quant_method"] == "fp8"
+    assert {"role": "attention", "format": "fp8", "modules": 22} in info["formats"]
+    assert info["bad_scales"] == []
+
+
+def test_inspect_source_and_unfinished(tmp_path):
+    result = runner.invoke(app, ["inspect", str(REPO_FIXTURE)])
+    assert result.exit_code == 0 and "transformers names" in result.output
+    dst = tmp_path / "out"
+    runner.invoke(app, ["run", str(REPO_FIXTURE), str(dst), "--quiet"])
+    (dst / ".nvfp4-convert").mkdir()
+    result = runner.invoke(app, ["inspect", str(dst)])
+    assert "UNFINISHED" in result.output
+
+
+def test_demo_converts_the_shipped_fixture():
+    result = runner.invoke(app, ["demo"])
+    assert result.exit_code == 0, result.output
+    assert "demo" in result.output and "converted" in result.output
+
+
+def test_bad_option_values_exit_2():
+    result = runner.invoke(app, ["plan", str(REPO_FIXTURE), "--policy", "int4"])
+    assert result.exit_code == 2 and "unknown policy" in result.output
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9
+    assert parse_size("2GiB") == 2 * 2**30
+    assert parse_size("150kB") == 150_000
+    assert parse_size("123") == 123
