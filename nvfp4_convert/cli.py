@@ -36,6 +36,7 @@ from .plan import DEFAULT_SHARD_BYTES, Plan
 from .policy import Policy
 from .probe import probe_cmd
 from .report import summary_tables
+from .verify import Thresholds, verify
 
 app = typer.Typer(
     add_completion=False,
@@ -206,6 +207,58 @@ def inspect_cmd(
             out.print("[bold red]this is an UNFINISHED conversion: resume it with `nvfp4-convert run ... --resume`[/]")
         if json_out:
             json_out.write_text(json.dumps(info, indent=1))
+
+    _fail_cleanly(go)
+
+
+@app.command("verify")
+def verify_cmd(
+    dst: Annotated[Path, typer.Argument(help="a converted checkpoint")],
+    source: Annotated[Path | None, typer.Option("--source", help="the ModelOpt source it was converted from")] = None,
+    reference: Annotated[
+        Path | None, typer.Option("--reference", help="a BF16 reference checkpoint of the same model")
+    ] = None,
+    sample: Annotated[
+        int | None, typer.Option(help="check at most N row blocks per tensor and N experts per layer")
+    ] = None,
+    max_rel_error: Annotated[
+        float, typer.Option(help="reference: max relative Frobenius error")
+    ] = Thresholds.max_rel_error,
+    min_cosine: Annotated[float, typer.Option(help="reference: min cosine similarity")] = Thresholds.min_cosine,
+    max_matmul_rel_error: Annotated[
+        float, typer.Option(help="reference: max relative error of x @ W.T")
+    ] = Thresholds.max_matmul_rel_error,
+    show: Annotated[int, typer.Option(help="rows of the findings table")] = 25,
+    json_out: JsonOpt = None,
+) -> None:
+    """Check a converted checkpoint: structure for vLLM, values vs the source and/or a BF16 reference."""
+
+    def go() -> None:
+        result = verify(
+            dst,
+            source=source,
+            reference=reference,
+            sample=sample,
+            thresholds=Thresholds(max_rel_error, min_cosine, max_matmul_rel_error),
+        )
+        table = Table(title=f"verify {dst}: {result['checks']} checks, {result['failed']} failed (worst first)")
+        for col in ("", "check", "tensor", "detail"):
+            table.add_column(col)
+        for f in result["findings"][:show]:
+            metrics = ", ".join(f"{k} {v:.4g}" for k, v in f["metrics"].items())
+            table.add_row(
+                "[green]ok[/]" if f["ok"] else "[red]FAIL[/]",
+                f["check"],
+                f["tensor"],
+                " ".join(x for x in (f["detail"], metrics) if x),
+            )
+        out.print(table)
+        if json_out:
+            json_out.write_text(json.dumps(result, indent=1))
+        verdict = "[bold green]PASS[/]" if result["ok"] else f"[bold red]FAIL[/]: {result['failed']} check(s) failed"
+        out.print(f"verdict: {verdict}")
+        if not result["ok"]:
+            raise typer.Exit(1)
 
     _fail_cleanly(go)
 

@@ -1,0 +1,483 @@
+"""``verify``: is a converted checkpoint what stock vLLM needs, and does it hold the source's weights?
+
+Three layers of checks, each a list of ``Finding`` (check, tensor, ok, detail, metrics):
+
+- ``check_structure(dst)``: finished (not an unfinished run); index consistent with the shards;
+  config.json in vLLM's form; native names only; no stale NVFP4 tensor outside the routed experts;
+  FP8 weights with ``float8_e8m0fnu`` power-of-two ``scale`` of the right shape; every module
+  vLLM builds (from the config: layers, compress ratios, hash layers, experts) has its tensors;
+  ``ignored_layers`` lists exactly the BF16 modules; NVFP4 experts' gate/up global scales equal.
+  Needs no vLLM; when vLLM is importable, every name also goes through its own weight mapper.
+- ``check_against_source(dst, src)``: each output tensor against the source it came from (the plan
+  for the policy recorded in the report): copies byte-equal, BF16 equal to the dequantized source
+  bit for bit (zero signs aside), FP8 within e4m3's rounding of the float32 source.
+- ``check_against_reference(dst, ref)``: each linear vs a BF16 reference of the same model:
+  relative Frobenius error, cosine, max abs error, and the relative error of ``x @ W.T``.
+
+Everything streams per tensor; ``sample`` limits the rows per tensor and the experts per layer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import Checkpoint
+from .codecs import FP8_BLOCK, dequantize_fp8_block, fp8_scale_shape, is_power_of_two
+from .config_emit import vllm_config
+from .errors import ConvertError
+from .execute import decode_rows
+from .inventory import Inventory, Module, Role, build_inventory
+from .naming import native_name
+from .plan import OutputTensor, build_plan
+from .policy import Policy
+from .report import REPORT_JSON
+from .safetensors_io import TensorInfo, read_rows, read_tensor
+from .state import dst_status
+
+
+@dataclass
+class Finding:
+    check: str
+    tensor: str
+    ok: bool
+    detail: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Thresholds:
+    """Limits of the reference comparison (defaults: comfortably above NVFP4's error)."""
+
+    max_rel_error: float = 0.25
+    min_cosine: float = 0.97
+    max_matmul_rel_error: float = 0.25
+
+
+# --- structure ------------------------------------------------------------------------------------
+
+
+def check_structure(dst: Path) -> list[Finding]:
+    out: list[Finding] = []
+    status = dst_status(dst)
+    out.append(Finding("finished", str(dst), status == "finished", f"destination is {status}"))
+    try:
+        ckpt = Checkpoint.open(dst)
+        inv = build_inventory(ckpt, pass_unknown=True)
+    except ConvertError as e:
+        return [*out, Finding("readable", e.tensor or str(dst), False, str(e))]
+    out += _check_index(ckpt)
+    out += _check_config(ckpt.config)
+    out += [Finding("native names", name, False, "not a native DeepSeek-V4 name") for name in inv.unknown]
+    if inv.naming != "native":
+        out.append(Finding("native names", str(dst), False, f"{inv.naming} names"))
+    for m in inv.linears():
+        out += _check_module_format(m)
+    out += _check_expected_modules(inv, ckpt.config)
+    out += _check_ignored_layers(inv, ckpt.config)
+    out += _check_gate_up(inv)
+    out += _check_vllm_mapper(ckpt)
+    return out
+
+
+def _check_index(ckpt: Checkpoint) -> list[Finding]:
+    index = ckpt.path / "model.safetensors.index.json"
+    if not index.exists():
+        return [Finding("index", str(index), False, "missing")]
+    total = json.loads(index.read_text()).get("metadata", {}).get("total_size")
+    return [
+        Finding("index", index.name, total == ckpt.total_bytes, f"total_size {total}, tensors hold {ckpt.total_bytes}")
+    ]
+
+
+def _check_config(cfg: dict[str, Any]) -> list[Finding]:
+    q = cfg.get("quantization_config") or {}
+    want = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "weight_block_size": [128, 128],
+        "scale_fmt": "ue8m0",
+        "moe_quant_algo": "NVFP4",
+    }
+    out = [
+        Finding("config", f"quantization_config.{k}", q.get(k) == v, f"{q.get(k)!r}, want {v!r}")
+        for k, v in want.items()
+    ]
+    out.append(Finding("config", "topk_method", cfg.get("topk_method") == "noaux_tc", repr(cfg.get("topk_method"))))
+    out.append(
+        Finding("config", "expert_dtype", cfg.get("expert_dtype", "fp4") == "fp4", repr(cfg.get("expert_dtype")))
+    )
+    out.append(Finding("config", "mlp_layer_types", "mlp_layer_types" not in cfg, "must be absent for vLLM <= 0.32"))
+    n = int(cfg.get("num_hidden_layers", 0)) + int(cfg.get("num_nextn_predict_layers") or 0)
+    ratios = cfg.get("compress_ratios") or []
+    out.append(Finding("config", "compress_ratios", len(ratios) >= n, f"{len(ratios)} entries for {n} layers"))
+    out.append(
+        Finding(
+            "config", "num_hash_layers", isinstance(cfg.get("num_hash_layers"), int), repr(cfg.get("num_hash_layers"))
+        )
+    )
+    return out
+
+
+def _check_module_format(m: Module) -> list[Finding]:
+    expert = m.role == Role.ROUTED_EXPERT
+    if m.format == "nvfp4" and not expert:
+        return [
+            Finding(
+                "no stale NVFP4",
+                f"{m.name}.weight_scale",
+                False,
+                "NVFP4 tensors left on a module vLLM builds as FP8/BF16",
+            )
+        ]
+    if m.format == "fp8":
+        scale = m.params["scale"]
+        if scale.dtype != "F8_E8M0":
+            return [Finding("fp8 scale dtype", scale.name, False, f"{scale.dtype}, want F8_E8M0 (float8_e8m0fnu)")]
+        if scale.shape != fp8_scale_shape(*m.params["weight"].shape):
+            return [Finding("fp8 scale shape", scale.name, False, f"{list(scale.shape)}")]
+        pow2 = bool(is_power_of_two(read_tensor(scale)).all())
+        return [Finding("fp8 scale power of two", scale.name, pow2, "" if pow2 else "a scale is not a power of two")]
+    if m.format == "dense" and m.params["weight"].dtype != "BF16":
+        return [Finding("bf16", m.params["weight"].name, False, f"{m.params['weight'].dtype}, want BF16")]
+    return []
+
+
+def expected_tensors(cfg: dict[str, Any]) -> list[str]:
+    """Native names every decoder layer must provide, from the config (MTP not included)."""
+    names = ["embed.weight", "head.weight", "norm.weight", "hc_head_fn", "hc_head_base", "hc_head_scale"]
+    ratios = cfg.get("compress_ratios") or []
+    n_hash = int(cfg.get("num_hash_layers") or 0)
+    for i in range(int(cfg["num_hidden_layers"])):
+        p = f"layers.{i}"
+        names += [
+            f"{p}.attn_norm.weight",
+            f"{p}.ffn_norm.weight",
+            f"{p}.attn.q_norm.weight",
+            f"{p}.attn.kv_norm.weight",
+        ]
+        names += [f"{p}.hc_{a}_{b}" for a in ("attn", "ffn") for b in ("fn", "base", "scale")]
+        names += [f"{p}.attn.{w}.weight" for w in ("wq_a", "wkv", "wq_b", "wo_a", "wo_b")] + [f"{p}.attn.attn_sink"]
+        names += [f"{p}.ffn.gate.weight", f"{p}.ffn.gate.tid2eid" if i < n_hash else f"{p}.ffn.gate.bias"]
+        names += [f"{p}.ffn.shared_experts.{w}.weight" for w in ("w1", "w2", "w3")]
+        names += [
+            f"{p}.ffn.experts.{e}.{w}.weight" for e in range(int(cfg["n_routed_experts"])) for w in ("w1", "w2", "w3")
+        ]
+        ratio = int(ratios[i]) if i < len(ratios) else 0
+        comps = ["attn.compressor"] + (["attn.indexer.compressor"] if ratio == 4 else []) if ratio else []
+        for c in comps:
+            names += [f"{p}.{c}.wkv.weight", f"{p}.{c}.wgate.weight", f"{p}.{c}.ape", f"{p}.{c}.norm.weight"]
+        if ratio == 4:
+            names += [f"{p}.attn.indexer.wq_b.weight", f"{p}.attn.indexer.weights_proj.weight"]
+    return names
+
+
+def _check_expected_modules(inv: Inventory, cfg: dict[str, Any]) -> list[Finding]:
+    present = {f"{m.name}.{p}" if p else m.name for m in inv.modules.values() for p in m.params}
+    try:
+        wanted = expected_tensors(cfg)
+    except (KeyError, ValueError) as e:
+        return [Finding("complete", "config.json", False, f"cannot derive the expected modules: {e}")]
+    out = [
+        Finding("complete", n, False, "missing: vLLM would leave this parameter uninitialised")
+        for n in wanted
+        if n not in present
+    ]
+    for m in inv.linears(Role.ROUTED_EXPERT):
+        if m.format == "nvfp4":
+            out += [
+                Finding("complete", f"{m.name}.{p}", False, "NVFP4 expert tensor missing")
+                for p in ("weight_scale", "weight_scale_2", "input_scale")
+                if p not in m.params
+            ]
+    return out or [Finding("complete", "all modules", True, f"{len(wanted)} expected tensors present")]
+
+
+def bf16_modules_needing_ignore(inv: Inventory) -> set[str]:
+    """Native names that must be in ``ignored_layers`` given the formats on disk."""
+    need: set[str] = set()
+    for m in inv.linears():
+        bf16 = m.format == "dense"
+        block, _, rest = m.name.partition(".attn.") if ".attn." in m.name else m.name.partition(".ffn.")
+        if m.role == Role.ATTENTION and bf16:
+            if rest in ("wq_a", "wkv"):
+                need |= {f"{block}.attn.fused_wqa_wkv", f"{block}.attn.wq_a", f"{block}.attn.wkv"}
+            else:
+                need.add(m.name)
+        elif m.role == Role.SHARED_EXPERT and bf16:
+            p = f"{block}.ffn.shared_experts"
+            need |= {f"{p}.gate_up_proj", f"{p}.w1", f"{p}.w3", f"{p}.w2"}
+        elif m.role == Role.ROUTED_EXPERT and bf16:
+            need.add(f"{m.name.split('.ffn.experts.')[0]}.ffn.experts")
+    return need
+
+
+def _check_ignored_layers(inv: Inventory, cfg: dict[str, Any]) -> list[Finding]:
+    listed = set((cfg.get("quantization_config") or {}).get("ignored_layers") or [])
+    need = bf16_modules_needing_ignore(inv)
+    out = [
+        Finding("ignored_layers", n, False, "BF16 module missing from ignored_layers: vLLM would build it FP8")
+        for n in sorted(need - listed)
+    ]
+    fp8 = {m.name for m in inv.linears() if m.format == "fp8"}
+    out += [
+        Finding("ignored_layers", n, False, "FP8 module listed in ignored_layers: vLLM would build it BF16")
+        for n in sorted(listed & fp8)
+    ]
+    return out or [
+        Finding("ignored_layers", "quantization_config", True, f"{len(listed)} entries match the BF16 modules")
+    ]
+
+
+def _check_gate_up(inv: Inventory) -> list[Finding]:
+    out = []
+    for m in inv.linears(Role.ROUTED_EXPERT):
+        if m.name.endswith(".w1") and m.format == "nvfp4":
+            up = inv.modules.get(m.name[:-1] + "3")
+            if up is not None and up.global_scale != m.global_scale:
+                detail = f"w1 {m.global_scale:g} != w3 {up.global_scale:g}: vLLM applies w1's to both"
+                out.append(Finding("gate/up global scale", f"{m.name[:-3]}", False, detail))
+    return out
+
+
+def _check_vllm_mapper(ckpt: Checkpoint) -> list[Finding]:
+    try:
+        from vllm.models.deepseek_v4.nvidia.model import DeepseekV4ForCausalLM
+    except Exception:  # vLLM absent (or unimportable here): the structural checks above stand alone
+        return []
+    mapper = DeepseekV4ForCausalLM.hf_to_vllm_mapper
+    unmapped = [n for n in ckpt.tensors if not n.startswith("mtp.") and mapper._map_name(n) is None]
+    return [Finding("vllm mapper", n, False, "vLLM's weight mapper drops this name") for n in unmapped] or [
+        Finding("vllm mapper", "all names", True, "every name maps through vLLM's hf_to_vllm_mapper")
+    ]
+
+
+# --- against the source ---------------------------------------------------------------------------
+
+
+def _policy_of(dst: Path) -> Policy:
+    report = json.loads((dst / REPORT_JSON).read_text())
+    return Policy(report["policy"]["name"], report["policy"]["experts"])
+
+
+def _rows(info: TensorInfo, sample: int | None) -> list[tuple[int, int]]:
+    rows = info.shape[0] if info.shape else 1
+    if len(info.shape) < 2 or not sample or rows <= sample * FP8_BLOCK:
+        return [(0, rows)]
+    step = max(1, (rows // FP8_BLOCK) // sample) * FP8_BLOCK
+    return [(r, min(rows, r + FP8_BLOCK)) for r in range(0, rows, step)][:sample]
+
+
+def check_against_source(dst: Path, src: Path, *, sample: int | None = None) -> list[Finding]:
+    out_ckpt = Checkpoint.open(dst)
+    src_ckpt = Checkpoint.open(src)
+    inv = build_inventory(src_ckpt)
+    plan = build_plan(inv, _policy_of(dst), src_ckpt.path)
+    expected_config = vllm_config(src_ckpt.config, plan.ignored_layers)
+    findings = [
+        Finding(
+            "config vs source",
+            "config.json",
+            expected_config == out_ckpt.config,
+            "matches the plan" if expected_config == out_ckpt.config else "differs from what the plan writes",
+        )
+    ]
+    seen_experts: dict[str, int] = {}
+    for o in plan.outputs:
+        got = out_ckpt.tensors.get(o.name)
+        if got is None:
+            findings.append(Finding("vs source", o.name, False, "missing from the output"))
+            continue
+        if (got.dtype, got.shape) != (o.dtype, o.shape):
+            findings.append(
+                Finding("vs source", o.name, False, f"{got.dtype}{list(got.shape)}, want {o.dtype}{list(o.shape)}")
+            )
+            continue
+        if sample and ".ffn.experts." in o.name:
+            block = o.name.split(".ffn.experts.")[0]
+            expert = int(o.name.split(".ffn.experts.")[1].split(".")[0])
+            seen_experts.setdefault(block, expert)
+            if expert - seen_experts[block] >= sample:
+                continue
+        findings.append(_compare(o, got, out_ckpt, sample))
+    extra = sorted(set(out_ckpt.tensors) - {o.name for o in plan.outputs})
+    findings += [Finding("vs source", n, False, "in the output but not in the plan (stale or foreign)") for n in extra]
+    return findings
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def _compare(o: OutputTensor, got: TensorInfo, out_ckpt: Checkpoint, sample: int | None) -> Finding:
+    if o.op == "copy":
+        same = all(_same_bytes(read_rows(got, a, b), read_rows(o.sources[0], a, b)) for a, b in _rows(got, sample))
+        return Finding("vs source: bytes", o.name, same, "" if same else "bytes differ from the source")
+    if o.op == "bf16":
+        worst = 0
+        for a, b in _rows(got, sample):
+            want = decode_rows(o.sources, a, b).to(torch.bfloat16)
+            have = read_rows(got, a, b)
+            bad = (have.view(torch.int16) != want.view(torch.int16)) & ~((have == 0) & (want == 0))
+            worst += int(bad.sum())
+        return Finding("vs source: bf16 exact", o.name, worst == 0, f"{worst} values differ" if worst else "")
+    if o.op == "fp8_weight":
+        scale = out_ckpt.tensors.get(o.name.removesuffix(".weight") + ".scale")
+        if scale is None:
+            return Finding("vs source: fp8", o.name, False, "FP8 weight without its scale")
+        worst = 0.0
+        for a, b in _rows(got, sample):
+            x = decode_rows(o.sources, a, b)
+            s = read_rows(scale, a // FP8_BLOCK, -(-b // FP8_BLOCK))
+            back = dequantize_fp8_block(read_rows(got, a, b), s)
+            bound = x.abs() * 2**-4 + s.to(torch.float32).max() * 2**-10
+            worst = max(worst, float(((back - x).abs() / bound).max()))
+        return Finding(
+            "vs source: fp8 within e4m3",
+            o.name,
+            worst <= 1.0,
+            f"error {worst:.3g}x the e4m3 bound",
+            {"bound_ratio": worst},
+        )
+    if o.op == "fp8_scale":
+        return Finding("vs source: fp8 scale", o.name, True, "checked with its weight")
+    if o.op == "fold_scale":
+        have, want = (
+            read_tensor(got).to(torch.float32),
+            read_tensor(o.sources[0]).to(torch.float32) * float(o.value or 1),
+        )
+        ok = bool(((have - want).abs() <= want.abs() * 2**-4 + 2**-9).all())
+        return Finding("vs source: folded scale", o.name, ok, "" if ok else "rescaled block scales off")
+    have_value = float(read_tensor(got).reshape(-1)[0])
+    return Finding("vs source: scalar", o.name, have_value == o.value, f"{have_value} vs {o.value}")
+
+
+# --- against a BF16 reference ---------------------------------------------------------------------
+
+
+def _reference_tensors(ref: Path) -> tuple[Checkpoint, dict[str, tuple[TensorInfo, int | None, slice | None]]]:
+    """Native weight name -> (reference tensor, expert index into a fused tensor, row slice)."""
+    ckpt = Checkpoint.open(ref, require_config=False)
+    names = list(ckpt.tensors)
+    naming = "native" if any(n.startswith("layers.") for n in names) else "transformers"
+    table: dict[str, tuple[TensorInfo, int | None, slice | None]] = {}
+    for name, info in ckpt.tensors.items():
+        fused = re.match(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$", name)
+        if fused:  # transformers' fused experts: [E, 2I, H] (gate rows first) / [E, H, I]
+            layer, kind = fused.groups()
+            for e in range(info.shape[0]):
+                p = f"layers.{layer}.ffn.experts.{e}"
+                if kind == "down_proj":
+                    table[f"{p}.w2.weight"] = (info, e, None)
+                else:
+                    half = info.shape[1] // 2
+                    table[f"{p}.w1.weight"] = (info, e, slice(0, half))
+                    table[f"{p}.w3.weight"] = (info, e, slice(half, 2 * half))
+            continue
+        native = native_name(name, naming)  # type: ignore[arg-type]
+        if native is not None:
+            table[native] = (info, None, None)
+    return ckpt, table
+
+
+def _reference_weight(entry: tuple[TensorInfo, int | None, slice | None]) -> torch.Tensor:
+    info, expert, rows = entry
+    if expert is None:
+        return read_tensor(info).to(torch.float32)
+    per = info.nbytes // info.shape[0]
+    sub = TensorInfo(
+        info.name, info.dtype, info.shape[1:], info.file, info.start + expert * per, info.start + (expert + 1) * per
+    )
+    w = read_tensor(sub).to(torch.float32)
+    return w[rows] if rows is not None else w
+
+
+def weight_errors(w: torch.Tensor, ref: torch.Tensor, *, seed: int = 0) -> dict[str, float]:
+    """Relative Frobenius error, cosine, max abs error and relative error of x @ W.T (random x)."""
+    diff = w - ref
+    ref_norm = float(ref.norm()) or 1.0
+    x = torch.randn(8, w.shape[1], generator=torch.Generator().manual_seed(seed))
+    y_ref = x @ ref.T
+    return {
+        "rel_error": float(diff.norm()) / ref_norm,
+        "cosine": float(torch.nn.functional.cosine_similarity(w.flatten(), ref.flatten(), dim=0)),
+        "max_abs_error": float(diff.abs().max()),
+        "matmul_rel_error": float((x @ w.T - y_ref).norm()) / (float(y_ref.norm()) or 1.0),
+    }
+
+
+def output_weight(m: Module) -> torch.Tensor:
+    """float32 value of a converted linear as vLLM will compute with it."""
+    p = m.params
+    if m.format == "nvfp4":
+        return decode_rows((p["weight"], p["weight_scale"], p["weight_scale_2"]), 0, p["weight"].shape[0])
+    if m.format == "fp8":
+        return dequantize_fp8_block(read_tensor(p["weight"]), read_tensor(p["scale"]))
+    return read_tensor(p["weight"]).to(torch.float32)
+
+
+def check_against_reference(
+    dst: Path, ref: Path, *, thresholds: Thresholds | None = None, sample: int | None = None
+) -> list[Finding]:
+    t = thresholds or Thresholds()
+    inv = build_inventory(Checkpoint.open(dst), pass_unknown=True)
+    _, table = _reference_tensors(ref)
+    findings = []
+    for m in inv.linears():
+        if m.role == Role.ROUTED_EXPERT and sample and int(m.name.split(".ffn.experts.")[1].split(".")[0]) >= sample:
+            continue
+        entry = table.get(f"{m.name}.weight")
+        if entry is None:
+            findings.append(Finding("vs reference", m.name, False, "no such weight in the reference"))
+            continue
+        w, r = output_weight(m), _reference_weight(entry)
+        if w.shape != r.shape:
+            findings.append(
+                Finding("vs reference", m.name, False, f"shape {list(w.shape)} vs reference {list(r.shape)}")
+            )
+            continue
+        e = weight_errors(w, r)
+        ok = (
+            e["rel_error"] <= t.max_rel_error
+            and e["cosine"] >= t.min_cosine
+            and e["matmul_rel_error"] <= t.max_matmul_rel_error
+        )
+        findings.append(Finding("vs reference", m.name, ok, f"{m.format}", e))
+    return findings
+
+
+# --- the whole verification -----------------------------------------------------------------------
+
+
+def verify(
+    dst: Path,
+    *,
+    source: Path | None = None,
+    reference: Path | None = None,
+    sample: int | None = None,
+    thresholds: Thresholds | None = None,
+) -> dict[str, Any]:
+    """All requested checks; ``result["ok"]`` is the verdict."""
+    findings = check_structure(dst)
+    structure_ok = all(f.ok for f in findings)
+    if source is not None and (dst / REPORT_JSON).exists():
+        findings += check_against_source(dst, source, sample=sample)
+    if reference is not None and structure_ok:
+        findings += check_against_reference(dst, reference, thresholds=thresholds, sample=sample)
+    failed = [f for f in findings if not f.ok]
+    return {
+        "destination": str(dst),
+        "ok": not failed,
+        "checks": len(findings),
+        "failed": len(failed),
+        "findings": [asdict(f) for f in sorted(findings, key=_worst_first)],
+    }
+
+
+def _worst_first(f: Finding) -> tuple:
+    return (f.ok, -f.metrics.get("rel_error", f.metrics.get("bound_ratio", 0.0)), f.check, f.tensor)

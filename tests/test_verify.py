@@ -1,0 +1,177 @@
+"""``verify`` passes a good conversion and fails, naming the tensor, on each planted fault."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_FIXTURE
+from helpers import load_all
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from nvfp4_convert.cli import app
+from nvfp4_convert.verify import verify
+
+REF = REPO_FIXTURE.parent / "tiny-dsv4-ref"
+
+
+def plant(good: Path, dst: Path, change: Callable[[dict[str, torch.Tensor]], None] | None = None, config=None) -> Path:
+    """A copy of a finished conversion with one fault planted (tensors rewritten as one shard)."""
+    shutil.copytree(good, dst)
+    tensors = load_all(good)
+    if change:
+        change(tensors)
+        for shard in dst.glob("*.safetensors"):
+            shard.unlink()
+        save_file({k: v.contiguous() for k, v in tensors.items()}, dst / "model-00001-of-00001.safetensors")
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {
+            "metadata": {"total_size": size},
+            "weight_map": dict.fromkeys(tensors, "model-00001-of-00001.safetensors"),
+        }
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    if config:
+        cfg = json.loads((dst / "config.json").read_text())
+        config(cfg)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def _set(name, fn):
+    return lambda t: t.__setitem__(name, fn(t))
+
+
+def _swap(a, b):
+    def change(t):
+        t[a], t[b] = t[b], t[a]
+
+    return change
+
+
+FAULTS: dict[str, tuple[Callable | None, Callable | None, str]] = {
+    # fault: (tensor change, config change, tensor the failure must name)
+    "input_scale folded into a weight": (
+        _set(
+            "layers.0.attn.wq_b.weight", lambda t: (t["layers.0.attn.wq_b.weight"].float() * 448.0).to(torch.bfloat16)
+        ),
+        None,
+        "layers.0.attn.wq_b.weight",
+    ),
+    "all-ones block scale": (
+        _set("layers.2.attn.wo_a.scale", lambda t: torch.ones_like(t["layers.2.attn.wo_a.scale"])),
+        None,
+        "layers.2.attn.wo_a.weight",
+    ),
+    "non-power-of-two scale": (
+        _set("layers.1.attn.wo_a.scale", lambda t: t["layers.1.attn.wo_a.scale"].float() * 1.5),
+        None,
+        "layers.1.attn.wo_a.scale",
+    ),
+    "e4m3 scale where e8m0 belongs": (
+        _set(
+            "layers.3.ffn.shared_experts.w1.scale",
+            lambda t: t["layers.3.ffn.shared_experts.w1.scale"].float().to(torch.float8_e4m3fn),
+        ),
+        None,
+        "layers.3.ffn.shared_experts.w1.scale",
+    ),
+    "wkv/wgate swapped": (
+        _swap("layers.2.attn.compressor.wkv.weight", "layers.2.attn.compressor.wgate.weight"),
+        None,
+        "layers.2.attn.compressor.wkv.weight",
+    ),
+    "indexer compressor from the main compressor": (
+        _set("layers.3.attn.indexer.compressor.wkv.weight", lambda t: t["layers.3.attn.compressor.wkv.weight"].clone()),
+        None,
+        "layers.3.attn.indexer.compressor.wkv.weight",
+    ),
+    "gate/up global-scale mismatch": (
+        _set("layers.1.ffn.experts.2.w3.weight_scale_2", lambda t: t["layers.1.ffn.experts.2.w3.weight_scale_2"] * 2),
+        None,
+        "layers.1.ffn.experts.2",
+    ),
+    "missing tensor": (
+        lambda t: t.pop("layers.2.attn.indexer.weights_proj.weight"),
+        None,
+        "layers.2.attn.indexer.weights_proj.weight",
+    ),
+    "stale NVFP4 tensor beside its converted twin": (
+        _set("layers.0.attn.wo_a.weight_scale", lambda t: torch.ones(128, 8).to(torch.float8_e4m3fn)),
+        None,
+        "layers.0.attn.wo_a",
+    ),
+    "layer missing from ignored_layers": (
+        None,
+        lambda c: c["quantization_config"]["ignored_layers"].remove("layers.1.attn.wq_b"),
+        "layers.1.attn.wq_b",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> Path:
+    from nvfp4_convert.convert import run
+    from nvfp4_convert.policy import Policy
+
+    dst = tmp_path_factory.mktemp("good") / "out"
+    run(REPO_FIXTURE, dst, Policy())
+    return dst
+
+
+def test_a_good_conversion_passes(good):
+    result = verify(good, source=REPO_FIXTURE)
+    assert result["ok"], [f for f in result["findings"] if not f["ok"]][:5]
+    assert result["checks"] > 300
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_each_planted_fault_fails_naming_the_tensor(tmp_path, good, fault):
+    change, config, tensor = FAULTS[fault]
+    bad = plant(good, tmp_path / "bad", change, config)
+    result = verify(bad, source=REPO_FIXTURE)
+    failed = [f for f in result["findings"] if not f["ok"]]
+    assert not result["ok"]
+    assert any(tensor in f["tensor"] for f in failed), failed[:5]
+
+
+def test_cli_verdict_and_exit_codes(tmp_path, good):
+    runner = CliRunner()
+    ok = runner.invoke(app, ["verify", str(good), "--source", str(REPO_FIXTURE), "--json", str(tmp_path / "v.json")])
+    assert ok.exit_code == 0 and "PASS" in ok.output
+    assert json.loads((tmp_path / "v.json").read_text())["ok"] is True
+    bad = plant(good, tmp_path / "bad", FAULTS["missing tensor"][0])
+    result = runner.invoke(app, ["verify", str(bad)])
+    assert result.exit_code == 1 and "FAIL" in result.output
+
+
+def test_unfinished_destination_fails(tmp_path, good):
+    bad = plant(good, tmp_path / "bad")
+    (bad / ".nvfp4-convert").mkdir()
+    result = verify(bad)
+    assert not result["ok"] and result["findings"][0]["check"] == "finished"
+
+
+def test_reference_comparison_shows_nvfp4_level_error(good):
+    if not REF.exists():
+        pytest.skip("reference fixture not present")
+    result = verify(good, reference=REF)
+    ref = [f for f in result["findings"] if f["check"] == "vs reference"]
+    assert result["ok"], [f for f in ref if not f["ok"]][:3]
+    assert len(ref) >= 90
+    errors = [f["metrics"]["rel_error"] for f in ref]
+    assert 0.02 < max(errors) < 0.25  # NVFP4-level, not zero and not garbage
+
+
+def test_reference_comparison_fails_a_garbage_weight(tmp_path, good):
+    if not REF.exists():
+        pytest.skip("reference fixture not present")
+    bad = plant(
+        good, tmp_path / "bad", _set("layers.0.attn.wq_a.weight", lambda t: t["layers.0.attn.wq_a.weight"] * 0.001)
+    )
+    result = verify(bad, reference=REF)
+    assert any(not f["ok"] and f["tensor"] == "layers.0.attn.wq_a" for f in result["findings"])
