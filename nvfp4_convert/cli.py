@@ -50,6 +50,10 @@ DEMO_FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tin
 
 PolicyOpt = Annotated[str, typer.Option("--policy", help="default | fp8 | bf16 (non-expert linears)")]
 ExpertsOpt = Annotated[str, typer.Option("--experts", help="nvfp4 (keep bytes) | bf16 (dequantized reference)")]
+RefOpt = Annotated[
+    Path | None,
+    typer.Option("--attention-from", help="take every non-expert linear from this BF16/FP8 reference checkpoint"),
+]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="also write the result as JSON to this file")]
 
 
@@ -99,12 +103,19 @@ def plan_cmd(
     experts: ExpertsOpt = "nvfp4",
     shard_size: Annotated[str, typer.Option(help="target output shard size")] = "5GB",
     pass_unknown: Annotated[bool, typer.Option(help="pass unrecognised tensors through (loudly)")] = False,
+    attention_from: RefOpt = None,
     json_out: JsonOpt = None,
 ) -> None:
     """Show what `run` would do, writing nothing."""
 
     def go() -> None:
-        prep = prepare(src, Policy(policy, experts), shard_bytes=parse_size(shard_size), pass_unknown=pass_unknown)
+        prep = prepare(
+            src,
+            Policy(policy, experts),
+            shard_bytes=parse_size(shard_size),
+            pass_unknown=pass_unknown,
+            attention_from=attention_from,
+        )
         _print_plan(prep.plan)
         if json_out:
             from .report import report_dict
@@ -125,17 +136,36 @@ def run_cmd(
     resume: Annotated[bool, typer.Option(help="continue an unfinished run in DST")] = False,
     pass_unknown: Annotated[bool, typer.Option(help="pass unrecognised tensors through (loudly)")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    attention_from: RefOpt = None,
 ) -> None:
     """Convert SRC into a checkpoint stock vLLM serves."""
     _fail_cleanly(
-        lambda: _run(src, dst, Policy(policy, experts), workers, parse_size(shard_size), resume, pass_unknown, quiet)
+        lambda: _run(
+            src,
+            dst,
+            Policy(policy, experts),
+            workers,
+            parse_size(shard_size),
+            resume,
+            pass_unknown,
+            quiet,
+            attention_from,
+        )
     )
 
 
 def _run(
-    src: Path, dst: Path, policy: Policy, workers: int, shard_bytes: int, resume: bool, pass_unknown: bool, quiet: bool
+    src: Path,
+    dst: Path,
+    policy: Policy,
+    workers: int,
+    shard_bytes: int,
+    resume: bool,
+    pass_unknown: bool,
+    quiet: bool,
+    attention_from: Path | None = None,
 ) -> dict:
-    prep = prepare(src, policy, shard_bytes=shard_bytes, pass_unknown=pass_unknown)
+    prep = prepare(src, policy, shard_bytes=shard_bytes, pass_unknown=pass_unknown, attention_from=attention_from)
     if prep.inventory.unknown:
         console.print(
             f"[bold yellow]warning:[/] passing {len(prep.inventory.unknown)} unrecognised tensor(s) through: {sorted(prep.inventory.unknown)[:5]}"

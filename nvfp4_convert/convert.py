@@ -15,15 +15,16 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .checkpoint import INDEX_NAME, Checkpoint
 from .config_emit import hf_quant_config, vllm_config
 from .errors import ConvertError
 from .execute import Progress, ShardResult, write_shards
+from .graft import REPLACED_REASON, Graft, graft, graft_errors
 from .inventory import Inventory, build_inventory
-from .plan import DEFAULT_SHARD_BYTES, Plan, build_plan
+from .plan import DEFAULT_SHARD_BYTES, Account, Plan, build_plan
 from .policy import Policy
 from .report import REPORT_JSON, REPORT_TEXT, render_text, report_dict
 from .safetensors_io import write_file_atomic
@@ -38,17 +39,37 @@ class Prepared:
     inventory: Inventory
     plan: Plan
     config: dict
+    graft: Graft | None = None
 
 
 def prepare(
-    src: Path, policy: Policy, *, shard_bytes: int = DEFAULT_SHARD_BYTES, pass_unknown: bool = False
+    src: Path,
+    policy: Policy,
+    *,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    pass_unknown: bool = False,
+    attention_from: Path | None = None,
 ) -> Prepared:
-    """Open SRC, classify, plan and derive the output config (reads headers and scalar scales only)."""
+    """Open SRC (and REF), classify, plan and derive the output config (headers and scalar scales only)."""
     ckpt = Checkpoint.open(src)
     inv = build_inventory(ckpt, pass_unknown=pass_unknown)
-    plan = build_plan(inv, policy, ckpt.path, shard_bytes=shard_bytes)
+    g = graft(ckpt.config, inv, attention_from) if attention_from is not None else None
+    plan = build_plan(g.inventory if g else inv, policy, ckpt.path, shard_bytes=shard_bytes)
+    if g is not None and attention_from is not None:
+        mark_grafted(plan, g, attention_from)
     config = vllm_config(ckpt.config, plan.ignored_layers)
-    return Prepared(ckpt, inv, plan, config)
+    return Prepared(ckpt, inv, plan, config, g)
+
+
+def mark_grafted(plan: Plan, g: Graft, ref: Path) -> None:
+    """Tag the tensors taken from REF and account for the SRC tensors they replace."""
+    from_ref = {t.name for m in g.replaced for t in g.reference.modules[m.name].params.values()}
+    plan.accounts = [replace(a, origin="reference") if a.source in from_ref else a for a in plan.accounts]
+    for m in g.replaced:
+        for t in m.params.values():
+            plan.accounts.append(Account(t.name, "dropped", (), REPLACED_REASON, m.role.value, t.nbytes))
+    plan.reference = ref
+    plan.notes.append(f"{len(g.replaced)} non-expert linear(s) taken from the reference {ref}")
 
 
 def check_destination(src: Path, dst: Path, *, resume: bool, needed_bytes: int) -> None:
@@ -87,12 +108,15 @@ def run(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     resume: bool = False,
     pass_unknown: bool = False,
+    attention_from: Path | None = None,
     progress: Progress | None = None,
     prepared: Prepared | None = None,
 ) -> dict:
     """Convert SRC into DST; returns the report dict."""
     t0 = time.monotonic()
-    prep = prepared or prepare(src, policy, shard_bytes=shard_bytes, pass_unknown=pass_unknown)
+    prep = prepared or prepare(
+        src, policy, shard_bytes=shard_bytes, pass_unknown=pass_unknown, attention_from=attention_from
+    )
     plan = prep.plan
     done_bytes = _already_written(dst, plan) if resume else 0
     check_destination(src, dst, resume=resume, needed_bytes=plan.output_bytes - done_bytes)
@@ -126,12 +150,10 @@ def run(
             raise ConvertError(f"write failed: {e.strerror or e}; free space and rerun with --resume", file=dst) from e
         t_shards = time.monotonic() - t0
         _write_metadata(prep, dst)
-        report = report_dict(
-            plan,
-            dst=str(dst),
-            timing={"seconds": round(time.monotonic() - t0, 3), "shards_seconds": round(t_shards, 3)},
-        )
-        write_file_atomic(dst / REPORT_TEXT, render_text(plan).encode())
+        errors = graft_errors(prep.graft) if prep.graft else None
+        timing = {"seconds": round(time.monotonic() - t0, 3), "shards_seconds": round(t_shards, 3)}
+        report = report_dict(plan, dst=str(dst), timing=timing, graft_errors=errors)
+        write_file_atomic(dst / REPORT_TEXT, render_text(plan, graft_errors=errors).encode())
         write_file_atomic(dst / REPORT_JSON, json.dumps(report, indent=1).encode())
         state.remove()
     return report

@@ -61,6 +61,7 @@ class Account:
     reason: str = ""
     role: str = ""
     nbytes: int = 0
+    origin: str = "source"  # "reference" for tensors taken from --attention-from
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ class Plan:
     fixes: list[GateUpFix] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     shards: list[Shard] = field(default_factory=list)
+    reference: Path | None = None  # --attention-from
 
     @property
     def output_bytes(self) -> int:
@@ -175,7 +177,7 @@ def _copy_linear(plan: Plan, module: Module) -> None:
         _copy(plan, info, _out_name(module, param), module.role)
 
 
-def _decode_sources(module: Module) -> tuple[TensorInfo, ...]:
+def decode_sources(module: Module) -> tuple[TensorInfo, ...]:
     p = module.params
     if module.format == "nvfp4":
         return (p["weight"], p["weight_scale"], p["weight_scale_2"])
@@ -185,7 +187,7 @@ def _decode_sources(module: Module) -> tuple[TensorInfo, ...]:
 
 
 def _convert(plan: Plan, module: Module, target: str) -> None:
-    sources = _decode_sources(module)
+    sources = decode_sources(module)
     rows, cols = module.shape
     weight = _out_name(module, "weight")
     if target == "bf16":

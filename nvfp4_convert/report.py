@@ -25,9 +25,9 @@ def _gb(n: int) -> str:
 
 
 def plan_summary(plan: Plan) -> dict[str, Any]:
-    by_action: dict[tuple[str, str], list[int]] = {}
+    by_action: dict[tuple[str, str, str], list[int]] = {}
     for a in plan.accounts:
-        row = by_action.setdefault((a.role, a.action), [0, 0])
+        row = by_action.setdefault((a.role, a.origin, a.action), [0, 0])
         row[0] += 1
         row[1] += a.nbytes
     role_of_output = {o: a.role for a in plan.accounts for o in a.outputs}
@@ -38,7 +38,8 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
         row[1] += o.nbytes
     return {
         "inputs": [
-            {"role": r, "action": act, "tensors": c, "bytes": b} for (r, act), (c, b) in sorted(by_action.items())
+            {"role": r, "from": origin, "action": act, "tensors": c, "bytes": b}
+            for (r, origin, act), (c, b) in sorted(by_action.items())
         ],
         "outputs": [
             {"role": r, "op": op, "dtype": dt, "tensors": c, "bytes": b}
@@ -47,11 +48,18 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
     }
 
 
-def report_dict(plan: Plan, *, dst: str | None = None, timing: dict[str, float] | None = None) -> dict[str, Any]:
+def report_dict(
+    plan: Plan,
+    *,
+    dst: str | None = None,
+    timing: dict[str, float] | None = None,
+    graft_errors: list[dict] | None = None,
+) -> dict[str, Any]:
     actions = Counter(a.action for a in plan.accounts)
     return {
         "tool": "nvfp4-convert",
         "source": str(plan.source),
+        "reference": str(plan.reference) if plan.reference else None,
         "destination": dst,
         "naming": plan.naming,
         "policy": {"name": plan.policy.name, "experts": plan.policy.experts, "min_vllm": plan.policy.min_vllm},
@@ -69,12 +77,14 @@ def report_dict(plan: Plan, *, dst: str | None = None, timing: dict[str, float] 
         "gate_up_fixes": [f.__dict__ for f in plan.fixes],
         "notes": list(plan.notes),
         "ignored_layers": list(plan.ignored_layers),
+        "graft_errors": graft_errors,
         "tensors": [
             {
                 "source": a.source,
                 "action": a.action,
                 "outputs": list(a.outputs),
                 **({"reason": a.reason} if a.reason else {}),
+                **({"from": a.origin} if a.origin != "source" else {}),
             }
             for a in plan.accounts
         ],
@@ -85,10 +95,10 @@ def summary_tables(plan: Plan) -> list[Table]:
     """Rich tables: inputs by role/action, outputs by role/op/dtype."""
     summary = plan_summary(plan)
     t_in = Table(title="Input tensors: what happens to them")
-    for col in ("role", "action", "tensors", "bytes in"):
+    for col in ("role", "from", "action", "tensors", "bytes in"):
         t_in.add_column(col, justify="right" if col in ("tensors", "bytes in") else "left")
     for row in summary["inputs"]:
-        t_in.add_row(row["role"], row["action"], str(row["tensors"]), _gb(row["bytes"]))
+        t_in.add_row(row["role"], row["from"], row["action"], str(row["tensors"]), _gb(row["bytes"]))
     t_out = Table(title="Output tensors")
     for col in ("role", "op", "dtype", "tensors", "bytes out"):
         t_out.add_column(col, justify="right" if col in ("tensors", "bytes out") else "left")
@@ -97,7 +107,7 @@ def summary_tables(plan: Plan) -> list[Table]:
     return [t_in, t_out]
 
 
-def render_text(plan: Plan, *, width: int = 110) -> str:
+def render_text(plan: Plan, *, width: int = 110, graft_errors: list[dict] | None = None) -> str:
     """The readable report (plain text, no colour)."""
     console = Console(width=width, record=True, file=open("/dev/null", "w"), color_system=None)  # noqa: SIM115
     console.print(f"nvfp4-convert: {plan.source} ({plan.naming} names)")
@@ -121,4 +131,11 @@ def render_text(plan: Plan, *, width: int = 110) -> str:
     for note in plan.notes:
         console.print(f"Note: {note}")
     console.print(f"ignored_layers: {len(plan.ignored_layers)} module name(s)")
+    if graft_errors:
+        table = Table(title="What --attention-from buys: the NVFP4-derived weight vs the reference")
+        for col in ("module", "source format", "rel. error", "cosine"):
+            table.add_column(col)
+        for row in graft_errors:
+            table.add_row(row["module"], row["source_format"], f"{row['rel_error']:.4f}", f"{row['cosine']:.6f}")
+        console.print(table)
     return console.export_text()

@@ -34,7 +34,7 @@ from .errors import ConvertError
 from .execute import decode_rows
 from .inventory import Inventory, Module, Role, build_inventory
 from .naming import native_name
-from .plan import OutputTensor, build_plan
+from .plan import OutputTensor, build_plan, decode_sources
 from .policy import Policy
 from .report import REPORT_JSON
 from .safetensors_io import TensorInfo, read_rows, read_tensor
@@ -413,12 +413,7 @@ def weight_errors(w: torch.Tensor, ref: torch.Tensor, *, seed: int = 0) -> dict[
 
 def output_weight(m: Module) -> torch.Tensor:
     """float32 value of a converted linear as vLLM will compute with it."""
-    p = m.params
-    if m.format == "nvfp4":
-        return decode_rows((p["weight"], p["weight_scale"], p["weight_scale_2"]), 0, p["weight"].shape[0])
-    if m.format == "fp8":
-        return dequantize_fp8_block(read_tensor(p["weight"]), read_tensor(p["scale"]))
-    return read_tensor(p["weight"]).to(torch.float32)
+    return decode_rows(decode_sources(m), 0, m.shape[0])
 
 
 def check_against_reference(

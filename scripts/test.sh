@@ -13,6 +13,10 @@ $PIP install -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
 # ("operator torchvision::nms does not exist"); nothing here uses them, and vLLM runs without them.
 $PIP uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
 "$VENV/bin/python" -c "import nvfp4_convert, vllm, safetensors, typer, rich"
+# shellcheck for serve/*.sh (test_serve skips without it); apt works as root on these machines.
+command -v shellcheck >/dev/null || apt-get install -y -q shellcheck >/dev/null 2>&1 \
+  || { apt-get update -q >/dev/null && apt-get install -y -q shellcheck >/dev/null; } \
+  || echo "warning: shellcheck not installed; test_shellcheck_clean will skip"
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
 "$VENV/bin/python" -m pytest -q "$@"

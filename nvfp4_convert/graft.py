@@ -1,0 +1,104 @@
+"""``--attention-from REF``: take every non-expert linear from a BF16 (or FP8-with-scales) reference.
+
+Contract:
+- REF is a checkpoint of the same model in native or transformers names, sharded or not; its
+  routed experts (fused or not) are ignored: they still come from SRC, untouched.
+- ``check_reference`` compares REF with SRC before anything is written: the config dimensions
+  that shape the weights, and for every non-expert linear of SRC the same module in REF with the
+  same [out, in] shape. Any mismatch is a ``ConvertError`` naming the module.
+- ``graft`` returns the inventory to plan from (REF's modules in place of SRC's) and the SRC
+  modules it replaced, which the plan accounts for as dropped with the reason.
+- ``graft_errors`` measures what the graft buys: per module, the NVFP4-derived weight of SRC
+  against REF (relative Frobenius error, cosine).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import Checkpoint
+from .errors import ConvertError
+from .inventory import Inventory, Module, Role, build_inventory
+from .verify import output_weight, weight_errors
+
+GRAFTED_ROLES = {Role.ATTENTION, Role.COMPRESSOR, Role.INDEXER_WEIGHTS, Role.SHARED_EXPERT, Role.MTP_PROJ}
+SHAPE_KEYS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "head_dim",
+    "q_lora_rank",
+    "o_lora_rank",
+    "o_groups",
+    "moe_intermediate_size",
+    "n_shared_experts",
+    "index_n_heads",
+    "index_head_dim",
+    "vocab_size",
+)
+REPLACED_REASON = "replaced by the reference's weight (--attention-from)"
+
+
+@dataclass
+class Graft:
+    inventory: Inventory  # what to plan from
+    replaced: list[Module]  # SRC modules whose tensors are dropped
+    reference: Inventory
+
+
+def open_reference(ref: Path) -> tuple[Checkpoint, Inventory]:
+    ckpt = Checkpoint.open(ref, require_config=False)
+    # REF's fused experts (transformers' gate_up_proj/down_proj) match no per-expert rule: not needed.
+    return ckpt, build_inventory(ckpt, pass_unknown=True)
+
+
+def check_reference(src_cfg: dict, ref_ckpt: Checkpoint, src: Inventory, ref: Inventory) -> None:
+    """Refuse a REF that is not the same model as SRC, naming the first difference."""
+    ref_cfg = ref_ckpt.config
+    for key in SHAPE_KEYS:
+        if ref_cfg and key in src_cfg and key in ref_cfg and src_cfg[key] != ref_cfg[key]:
+            raise ConvertError(
+                f"reference {key} = {ref_cfg[key]!r}, source has {src_cfg[key]!r}", file=ref_ckpt.path / "config.json"
+            )
+    for m in src.linears():
+        if m.role not in GRAFTED_ROLES:
+            continue
+        r = ref.modules.get(m.name)
+        if r is None or r.format == "tensor":
+            raise ConvertError(
+                f"module {m.name} of the source has no weight in the reference", file=ref_ckpt.path, tensor=m.name
+            )
+        if r.format == "nvfp4":
+            raise ConvertError(
+                "reference weight is NVFP4: a reference must be BF16 or FP8",
+                file=ref_ckpt.path,
+                tensor=r.params["weight"].name,
+            )
+        if r.shape != m.shape:
+            raise ConvertError(
+                f"shape {list(r.shape)} in the reference, {list(m.shape)} in the source",
+                file=ref_ckpt.path,
+                tensor=r.params["weight"].name,
+            )
+
+
+def graft(src_cfg: dict, src: Inventory, ref_path: Path) -> Graft:
+    ref_ckpt, ref = open_reference(ref_path)
+    check_reference(src_cfg, ref_ckpt, src, ref)
+    modules = dict(src.modules)
+    replaced = []
+    for name, m in src.modules.items():
+        if m.format != "tensor" and m.role in GRAFTED_ROLES:
+            modules[name] = ref.modules[name]
+            replaced.append(m)
+    return Graft(Inventory(src.naming, modules, dict(src.unknown)), replaced, ref)
+
+
+def graft_errors(g: Graft) -> list[dict[str, float | str]]:
+    """Per grafted module: the SRC-derived (NVFP4) weight against REF's."""
+    rows = []
+    for m in g.replaced:
+        e = weight_errors(output_weight(m), output_weight(g.reference.modules[m.name]))
+        rows.append({"module": m.name, "source_format": m.format, "rel_error": e["rel_error"], "cosine": e["cosine"]})
+    return rows
