@@ -60,14 +60,17 @@ def decode_rows(sources: tuple[TensorInfo, ...], r0: int, r1: int) -> torch.Tens
 
 
 def check_block_scales(ws: torch.Tensor, info: TensorInfo) -> None:
-    """NVFP4 block scales must be finite and non-negative (e4m3 has NaN but no Inf)."""
-    f = ws.to(torch.float32)
-    bad = ~torch.isfinite(f) | (f < 0)
+    """NVFP4 block scales must be finite and non-negative (e4m3fn has NaN but no Inf).
+
+    Checked on the raw bytes (fast on the ~10 % of a checkpoint that block scales are): NaN is
+    0x7F/0xFF, a negative value has the sign bit set and a non-zero magnitude (0x80 is -0.0).
+    """
+    raw = ws.view(torch.uint8)
+    bad = (raw > 0x80) | (raw == 0x7F)
     if bool(bad.any()):
         r, c = (int(i) for i in bad.nonzero()[0])
-        raise ConvertError(
-            f"block scale [{r}, {c}] is {f[r, c].item()}: NaN or negative", file=info.file, tensor=info.name
-        )
+        value = ws[r, c].to(torch.float32).item()
+        raise ConvertError(f"block scale [{r}, {c}] is {value}: NaN or negative", file=info.file, tensor=info.name)
 
 
 def _bands(rows: int, cols: int) -> Iterator[tuple[int, int]]:

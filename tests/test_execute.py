@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO_FIXTURE
 
 import nvfp4_convert.execute as execute
@@ -50,3 +51,19 @@ def test_progress_counts_every_byte_and_tensor(tmp_path):
 
     report = run(REPO_FIXTURE, tmp_path / "out", Policy(), workers=2, shard_bytes=300_000, progress=progress)
     assert seen == [report["totals"]["output_bytes"], report["totals"]["output_tensors"]]
+
+
+def test_block_scale_check_on_raw_bytes_agrees_with_torch_on_all_256_codes():
+    from nvfp4_convert.errors import ConvertError
+    from nvfp4_convert.safetensors_io import TensorInfo
+
+    info = TensorInfo("x.weight_scale", "F8_E4M3", (1, 1), Path("f"), 0, 1)
+    for code in range(256):
+        ws = torch.tensor([[code]], dtype=torch.uint8).view(torch.float8_e4m3fn)
+        value = ws.float()
+        bad = bool((~torch.isfinite(value) | (value < 0)).any())
+        if bad:
+            with pytest.raises(ConvertError, match="NaN or negative"):
+                execute.check_block_scales(ws, info)
+        else:
+            execute.check_block_scales(ws, info)
