@@ -122,24 +122,13 @@ class Inventory:
     def linears(self, role: Role | None = None) -> list[Module]:
         return [m for m in self.modules.values() if m.format != "tensor" and (role is None or m.role == role)]
 
-    def experts_blocks(self) -> set[str]:
-        """Block prefixes (``layers.N`` / ``mtp.N``) that hold routed experts."""
-        return {m.name.split(".ffn.experts.")[0] for m in self.linears(Role.ROUTED_EXPERT)}
-
-    def experts(self) -> dict[int, list[int]]:
-        """Layer (or MTP key ``-1 - N``) -> sorted routed expert ids."""
-        out: dict[int, set[int]] = {}
+    def experts(self) -> dict[str, list[int]]:
+        """Block prefix (``layers.N`` / ``mtp.N``) -> sorted routed expert ids."""
+        out: dict[str, set[int]] = {}
         for m in self.linears(Role.ROUTED_EXPERT):
-            layer = _block_index(m.name)
-            out.setdefault(layer, set()).add(int(m.name.split(".experts.")[1].split(".")[0]))
-        return {k: sorted(v) for k, v in sorted(out.items())}
-
-
-def _block_index(name: str) -> int:
-    m = re.match(r"^(layers|mtp)\.(\d+)\.", name)
-    if not m:
-        return -1
-    return int(m.group(2)) if m.group(1) == "layers" else -1000 - int(m.group(2))
+            block, _, rest = m.name.partition(".ffn.experts.")
+            out.setdefault(block, set()).add(int(rest.split(".")[0]))
+        return {k: sorted(v) for k, v in out.items()}
 
 
 def build_inventory(ckpt: Checkpoint, *, pass_unknown: bool = False) -> Inventory:

@@ -287,7 +287,7 @@ def ignored_layers(inv: Inventory, policy: Policy) -> list[str]:
             p = f"{block}.ffn.shared_experts"
             out += [f"{p}.gate_up_proj", f"{p}.w1", f"{p}.w3", f"{p}.w2"]
     if policy.experts == "bf16":
-        out += [f"{block}.ffn.experts" for block in sorted(inv.experts_blocks(), key=_block_key)]
+        out += [f"{block}.ffn.experts" for block in sorted(inv.experts(), key=_block_key)]
     return out
 
 
