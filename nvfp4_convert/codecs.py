@@ -29,14 +29,16 @@ E2M1_VALUES = torch.tensor(
 )
 
 
+# Both E2M1 values of every byte: row b is (value of the low nibble, value of the high nibble).
+_BYTE_PAIRS = torch.stack((E2M1_VALUES.repeat(16), E2M1_VALUES.repeat_interleave(16)), dim=1)
+
+
 def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [rows, in/2] -> float32 [rows, in]; element 2i is the low nibble, 2i+1 the high one."""
     if packed.dtype != torch.uint8:
         raise TypeError(f"packed FP4 must be uint8, got {packed.dtype}")
-    low = (packed & 0x0F).long()
-    high = (packed >> 4).long()
-    codes = torch.stack((low, high), dim=-1).reshape(packed.shape[0], packed.shape[1] * 2)
-    return E2M1_VALUES[codes]
+    rows, half = packed.shape
+    return torch.nn.functional.embedding(packed.to(torch.int32), _BYTE_PAIRS).view(rows, half * 2)
 
 
 def dequantize_nvfp4(packed: torch.Tensor, weight_scale: torch.Tensor, weight_scale_2: torch.Tensor) -> torch.Tensor:
@@ -63,9 +65,11 @@ def quantize_fp8_block(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.to(torch.float32)
     m, n = x.shape
     pm, pn = fp8_scale_shape(m, n)
-    padded = x.new_zeros(pm * FP8_BLOCK, pn * FP8_BLOCK)
-    padded[:m, :n] = x
-    blocks = padded.view(pm, FP8_BLOCK, pn, FP8_BLOCK)
+    if (m, n) != (pm * FP8_BLOCK, pn * FP8_BLOCK):
+        padded = x.new_zeros(pm * FP8_BLOCK, pn * FP8_BLOCK)
+        padded[:m, :n] = x
+        x = padded
+    blocks = x.reshape(pm, FP8_BLOCK, pn, FP8_BLOCK)
     amax = blocks.abs().amax(dim=(1, 3), keepdim=True).clamp(min=AMAX_FLOOR)
     scale = torch.pow(2.0, torch.ceil(torch.log2(amax / E4M3_MAX)))
     q = (blocks * (1.0 / scale)).to(torch.float8_e4m3fn)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -26,7 +26,7 @@ import torch
 from .codecs import FP8_BLOCK, dequantize_fp8_block, dequantize_nvfp4, quantize_fp8_block
 from .errors import ConvertError
 from .plan import OutputTensor, Shard
-from .safetensors_io import ShardWriter, TensorInfo, read_rows, read_tensor
+from .safetensors_io import ShardWriter, TensorInfo, TensorSink, read_rows, read_tensor
 
 BAND_BYTES = 64 * 1024 * 1024  # float32 bytes of one row band of a converted tensor
 
@@ -79,8 +79,8 @@ def _bands(rows: int, cols: int) -> Iterator[tuple[int, int]]:
         yield r0, min(rows, r0 + step)
 
 
-def produce(out: OutputTensor, writer: ShardWriter) -> None:
-    """Write the bytes of ``out`` into ``writer``."""
+def produce(out: OutputTensor, writer: TensorSink) -> None:
+    """Write the bytes of ``out`` through its sink."""
     src = out.sources[0]
     if out.op == "copy":
         if src.name.endswith("weight_scale") and src.dtype == "F8_E4M3":
@@ -88,7 +88,7 @@ def produce(out: OutputTensor, writer: ShardWriter) -> None:
             check_block_scales(ws, src)
             writer.write(ws)
         else:
-            writer.copy_range(src.file, src.start, src.nbytes)
+            writer.copy(src.file, src.start, src.nbytes)
     elif out.op in ("bf16", "fp8_weight", "fp8_scale"):
         rows, cols = out.shape if out.op != "fp8_scale" else (out.sources[0].shape[0], _logical_cols(out.sources))
         for r0, r1 in _bands(rows, cols):
@@ -115,14 +115,35 @@ def _logical_cols(sources: tuple[TensorInfo, ...]) -> int:
 
 
 def write_shard(shard: Shard, dst: Path, progress: Progress | None = None) -> ShardResult:
-    """Write one shard atomically; report progress per tensor."""
+    """Write one shard atomically; report progress per tensor.
+
+    Passthrough copies (kernel work) and conversions (torch work) run in two threads, each at its
+    tensors' own offsets in the file: the conversion of a layer's attention overlaps the copy of
+    its experts. Both release the GIL; the bytes are the same whatever the timing.
+    """
     final = dst / shard.file
+    copies = [o for o in shard.outputs if o.op == "copy"]
+    computed = [o for o in shard.outputs if o.op != "copy"]
+
+    def fill(outputs: list[OutputTensor], writer: ShardWriter) -> None:
+        for out in outputs:
+            produce(out, writer.sink(out.name))
+            if progress:
+                progress(out.nbytes, 1)
+
     try:
         with ShardWriter(final, shard.entries) as writer:
-            for out in shard.outputs:
-                produce(out, writer)
-                if progress:
-                    progress(out.nbytes, 1)
+            if computed and copies:
+                with ThreadPoolExecutor(1, thread_name_prefix="convert") as pool:
+                    background = pool.submit(fill, computed, writer)
+                    try:
+                        fill(copies, writer)
+                    finally:
+                        exc = background.exception()  # wait for it before the writer can abort
+                    if exc is not None:
+                        raise exc
+            else:
+                fill(shard.outputs, writer)
             writer.commit()
     except OSError as e:
         hint = "; free space and rerun with --resume" if e.errno == errno.ENOSPC else ""

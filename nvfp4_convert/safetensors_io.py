@@ -190,22 +190,30 @@ def encode_header(entries: list[OutEntry], metadata: dict[str, str] | None = Non
 
 
 class ShardWriter:
-    """Write one safetensors file whose tensors are known in advance, strictly in order.
+    """Write one safetensors file whose tensors are known in advance.
 
-    Data goes to ``<final>.partial``; ``commit()`` checks every byte was written, fsyncs and renames.
-    ``abort()`` (or leaving a ``with`` block on an exception) removes the partial file.
+    The header is written first; every tensor then has a fixed byte range, filled through its
+    ``TensorSink`` (``writer.sink(name)``) in order within the tensor but independently of the
+    other tensors: two threads may fill different tensors at once (``pwrite`` and
+    ``copy_file_range`` at explicit offsets). Data goes to ``<final>.partial``; ``commit()`` checks
+    every byte was written, fsyncs and renames; ``abort()`` (or leaving a ``with`` block on an
+    exception) removes the partial file.
     """
 
     def __init__(self, final: Path, entries: list[OutEntry]) -> None:
         self.final = final
         self.partial = final.with_name(final.name + ".partial")
-        self.entries = entries
-        self._next = 0
-        self._written_in_current = 0
+        self.entries = {e.name: e for e in entries}
         header = encode_header(entries)
-        self.size = len(header) + sum(e.nbytes for e in entries)
-        self._f = open(self.partial, "wb")  # noqa: SIM115 - closed in commit/abort
-        self._f.write(header)
+        self.offsets: dict[str, int] = {}
+        pos = len(header)
+        for e in entries:
+            self.offsets[e.name] = pos
+            pos += e.nbytes
+        self.size = pos
+        self.written: dict[str, int] = dict.fromkeys(self.entries, 0)
+        self.fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        _pwrite_all(self.fd, memoryview(header), 0)
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -214,69 +222,77 @@ class ShardWriter:
         if exc_type is not None:
             self.abort()
 
-    def _expect(self, nbytes: int) -> OutEntry:
-        if self._next >= len(self.entries):
-            raise ConvertError("more data than the header announces", file=self.final)
-        entry = self.entries[self._next]
-        if self._written_in_current + nbytes > entry.nbytes:
+    def sink(self, name: str) -> TensorSink:
+        return TensorSink(self, name)
+
+    def _claim(self, name: str, nbytes: int) -> int:
+        """File offset for the next ``nbytes`` of tensor ``name``; checks the header's size."""
+        entry = self.entries.get(name)
+        if entry is None:
+            raise ConvertError("tensor not in this shard's header", file=self.final, tensor=name)
+        done = self.written[name]
+        if done + nbytes > entry.nbytes:
             raise ConvertError(
-                f"{self._written_in_current + nbytes} bytes written, header says {entry.nbytes}",
-                file=self.final,
-                tensor=entry.name,
+                f"{done + nbytes} bytes written, header says {entry.nbytes}", file=self.final, tensor=name
             )
-        return entry
-
-    def _advance(self, nbytes: int) -> None:
-        self._written_in_current += nbytes
-        if self._written_in_current == self.entries[self._next].nbytes:
-            self._next += 1
-            self._written_in_current = 0
-
-    def write(self, data: torch.Tensor | bytes | memoryview) -> None:
-        """Append bytes (a contiguous tensor's storage or a buffer) to the current tensor."""
-        if isinstance(data, torch.Tensor):
-            data = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy())
-        view = memoryview(data).cast("B")
-        self._expect(len(view))
-        self._f.write(view)
-        self._advance(len(view))
-
-    def copy_range(self, src: Path, start: int, nbytes: int) -> None:
-        """Append ``nbytes`` of ``src`` from ``start`` without passing them through Python buffers."""
-        self._expect(nbytes)
-        self._f.flush()
-        with open(src, "rb") as fin:
-            copy_file_range(fin.fileno(), self._f.fileno(), start, nbytes)
-        self._f.seek(0, os.SEEK_END)
-        self._advance(nbytes)
+        self.written[name] = done + nbytes  # one thread per tensor: no other writer of this key
+        return self.offsets[name] + done
 
     def commit(self) -> None:
         """Check completeness, fsync, rename into place and fsync the directory."""
-        if self._next != len(self.entries):
-            missing = self.entries[self._next].name
+        missing = [n for n, e in self.entries.items() if self.written[n] != e.nbytes]
+        if missing:
             self.abort()
-            raise ConvertError("shard incomplete at commit", file=self.final, tensor=missing)
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+            raise ConvertError("shard incomplete at commit", file=self.final, tensor=missing[0])
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
         os.replace(self.partial, self.final)
         fsync_dir(self.final.parent)
 
     def abort(self) -> None:
-        if not self._f.closed:
-            self._f.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
         self.partial.unlink(missing_ok=True)
+
+
+class TensorSink:
+    """Appends the bytes of one tensor of a ``ShardWriter`` at its place in the file."""
+
+    def __init__(self, writer: ShardWriter, name: str) -> None:
+        self.writer = writer
+        self.name = name
+
+    def write(self, data: torch.Tensor | bytes | memoryview) -> None:
+        """Append bytes (a contiguous tensor's storage or a buffer)."""
+        if isinstance(data, torch.Tensor):
+            data = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy())
+        view = memoryview(data).cast("B")
+        _pwrite_all(self.writer.fd, view, self.writer._claim(self.name, len(view)))
+
+    def copy(self, src: Path, start: int, nbytes: int) -> None:
+        """Append ``nbytes`` of ``src`` from ``start`` without passing them through Python buffers."""
+        offset = self.writer._claim(self.name, nbytes)
+        with open(src, "rb") as fin:
+            copy_file_range(fin.fileno(), self.writer.fd, start, nbytes, offset)
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 _NO_COPY_FILE_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.EPERM}
 
 
-def copy_file_range(src_fd: int, dst_fd: int, offset: int, nbytes: int) -> None:
-    """Copy ``nbytes`` from ``src_fd`` at ``offset`` to ``dst_fd``'s current position (kernel-side)."""
+def copy_file_range(src_fd: int, dst_fd: int, src_offset: int, nbytes: int, dst_offset: int) -> None:
+    """Copy ``nbytes`` from ``src_fd`` at ``src_offset`` to ``dst_fd`` at ``dst_offset`` (kernel-side)."""
     done = 0
     try:
         while done < nbytes:
-            n = os.copy_file_range(src_fd, dst_fd, min(COPY_CHUNK, nbytes - done), offset + done)
+            n = os.copy_file_range(src_fd, dst_fd, min(COPY_CHUNK, nbytes - done), src_offset + done, dst_offset + done)
             if n == 0:
                 raise ConvertError(f"source ended after {done} of {nbytes} bytes")
             done += n
@@ -286,12 +302,10 @@ def copy_file_range(src_fd: int, dst_fd: int, offset: int, nbytes: int) -> None:
             raise
         # Not supported between these files or filesystems: copy what remains through userspace.
     while done < nbytes:
-        chunk = os.pread(src_fd, min(COPY_CHUNK, nbytes - done), offset + done)
+        chunk = os.pread(src_fd, min(COPY_CHUNK, nbytes - done), src_offset + done)
         if not chunk:
             raise ConvertError(f"source ended after {done} of {nbytes} bytes")
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(dst_fd, view) :]
+        _pwrite_all(dst_fd, memoryview(chunk), dst_offset + done)
         done += len(chunk)
 
 
