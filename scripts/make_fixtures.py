@@ -37,6 +37,16 @@ What it writes (``--out`` defaults to ``tests/fixtures``):
     2): 3 layers ``[sliding, compressed_sparse, heavily_compressed]``, the first
     hash-routed, 8 heads, head_dim 512, 64 experts top-6; every linear NVFP4
     (``o_a_proj`` included). One shard, no index file.
+``tiny-dsv4-e2e-ref/`` (with ``e2e``)
+    The e2e model's weights *before* quantization without the routed experts
+    (no ``mlp.experts.*``): ``model.safetensors`` (one file) + the unquantized
+    ``config.json``, transformers names, for ``--attention-from`` and the
+    reference model of the graft test. Plain tensors are as in ``tiny-dsv4-ref``
+    (BF16, float32 kept modules, int64 ``tid2eid``; byte-identical to the
+    export's). The non-expert linears would be 8.5 MB in BF16, so each is stored
+    as DeepSeek's release stores them: ``weight`` float8_e4m3fn + ``scale``
+    float32 power-of-two 128x128 block scales (``2**ceil(log2(amax / 448))``),
+    the FP8 rounding of the pre-quantization BF16 weight (5.0 MB in all).
 
 Before quantization ``tid2eid`` (valid, distinct expert ids per token),
 ``sinks``, ``position_bias``, ``e_score_correction_bias``, every RMSNorm weight
@@ -103,6 +113,9 @@ TINY_NUM_SHARDS = 3
 GOLDEN_MAX_BYTES = 3_000_000
 GOLDEN_EXPERT_LAYER = 2
 QUANT_SUFFIXES = ("weight", "weight_scale", "weight_scale_2", "input_scale")
+FP8_BLOCK = 128
+E4M3_MAX = 448.0
+E2E_REF_MAX_BYTES = 6_000_000
 
 
 class LinearDeepseekV4Grouped(DeepseekV4GroupedLinear):
@@ -471,6 +484,96 @@ def verify_reference(ref_dir: Path, export_dir: Path) -> None:
     print(f"  ref: loads strictly; {len(plain)} plain export tensors byte-identical: OK")
 
 
+def fp8_block_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[m, n] -> (float8_e4m3fn [m, n], float32 [ceil(m/128), ceil(n/128)]) with power-of-two scales.
+
+    DeepSeek's release rule: per 128x128 block ``scale = 2**ceil(log2(amax / 448))``, ``q = e4m3(w / scale)``
+    (round to nearest even). A partial block at the edge is scaled by the values it has.
+    """
+    w = w.float()
+    m, n = w.shape
+    pm, pn = -(-m // FP8_BLOCK), -(-n // FP8_BLOCK)
+    padded = w.new_zeros(pm * FP8_BLOCK, pn * FP8_BLOCK)
+    padded[:m, :n] = w
+    blocks = padded.view(pm, FP8_BLOCK, pn, FP8_BLOCK)
+    amax = blocks.abs().amax(dim=(1, 3), keepdim=True)
+    assert torch.all(amax > 0)
+    scale = torch.exp2(torch.ceil(torch.log2(amax / E4M3_MAX)))
+    q = (blocks / scale).to(torch.float8_e4m3fn).view(pm * FP8_BLOCK, pn * FP8_BLOCK)[:m, :n]
+    return q.contiguous(), scale.view(pm, pn).contiguous()
+
+
+def fp8_block_dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 value of an FP8 block-scaled weight."""
+    m, n = q.shape
+    full = scale.repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)[:m, :n]
+    return q.float() * full
+
+
+def e2e_reference_tensors(reference: dict[str, torch.Tensor], export_dir: Path) -> dict[str, torch.Tensor]:
+    """The pre-quantization state dict less the routed experts, NVFP4 linears of the export as FP8."""
+    linears = {m for m in quantized_modules(load_export(export_dir)) if ".mlp.experts." not in m}
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in reference.items():
+        if ".mlp.experts." in key:
+            continue
+        module = key.removesuffix(".weight")
+        if key.endswith(".weight") and module in linears:
+            out[f"{module}.weight"], out[f"{module}.scale"] = fp8_block_quantize(tensor)
+        else:
+            out[key] = tensor
+    assert all(f"{m}.scale" in out for m in linears)
+    return out
+
+
+def verify_e2e_reference(ref_dir: Path, export_dir: Path, reference: dict[str, torch.Tensor]) -> None:
+    """No experts; plain tensors byte-identical to the export; FP8 = e4m3 rounding of the BF16 weight; loads."""
+    with safe_open(str(ref_dir / "model.safetensors"), "pt") as f:
+        ref = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    assert not [k for k in ref if ".mlp.experts." in k]
+    tensors = load_export(export_dir)
+    quantized = set(quantized_modules(tensors))
+    plain = [k for k in tensors if k.rsplit(".", 1)[0] not in quantized]
+    for key in plain:
+        assert tensors[key].dtype == ref[key].dtype, key
+        assert torch.equal(tensors[key].view(torch.uint8), ref[key].view(torch.uint8)), key
+    state: dict[str, torch.Tensor] = {}
+    fp8, worst = 0, 0.0
+    for key, t in ref.items():
+        module = key.removesuffix(".scale")
+        if key.endswith(".scale") and f"{module}.weight" in ref:
+            continue
+        module = key.removesuffix(".weight")
+        if t.dtype == torch.float8_e4m3fn:
+            s = ref[f"{module}.scale"]
+            assert s.dtype == torch.float32 and torch.equal(s, torch.exp2(torch.log2(s).round())), key
+            value = fp8_block_dequantize(t, s)
+            src = reference[key].float()
+            # half an e4m3 step: 2**-4 relative (normal range), 2**-10 * scale (subnormal)
+            step = torch.maximum(src.abs() * 2**-4, fp8_block_dequantize(torch.ones_like(t), s) * 2**-10)
+            assert torch.all((value - src).abs() <= step * 1.0001), key
+            worst = max(worst, float((value - src).norm() / src.norm()))
+            state[key] = value.to(torch.bfloat16)
+            fp8 += 1
+        else:
+            state[key] = t
+    assert fp8 == len([m for m in quantized if ".mlp.experts." not in m])
+    for key, t in reference.items():
+        if ".mlp.experts." in key:
+            state[key] = t
+    assert set(state) == set(reference)
+    model = DeepseekV4ForCausalLM._from_config(
+        DeepseekV4Config.from_json_file(str(ref_dir / "config.json")), dtype=torch.bfloat16
+    )
+    model.load_state_dict(state, strict=True)
+    size = (ref_dir / "model.safetensors").stat().st_size
+    assert size < E2E_REF_MAX_BYTES, size
+    print(
+        f"  e2e ref: {len(plain)} plain tensors byte-identical to the export; {fp8} FP8 linears, "
+        f"worst relative error {worst:.4f}; with the experts loads strictly: OK"
+    )
+
+
 def file_sizes(directory: Path) -> None:
     """Print the files of a fixture directory with their sizes."""
     for path in sorted(directory.iterdir()):
@@ -501,18 +604,23 @@ def make_tiny(out_root: Path, seed: int) -> None:
 
 
 def make_e2e(out_root: Path, seed: int) -> None:
-    """``tiny-dsv4-e2e``: vLLM-CPU-sized, every linear NVFP4, one shard."""
+    """``tiny-dsv4-e2e``: vLLM-CPU-sized, every linear NVFP4, one shard; + its non-expert reference."""
     spec = FixtureSpec(
         name="tiny-dsv4-e2e",
         config=e2e_config(),
         calib_batches=4,
         calib_tokens=64,
     )
-    write_export(spec, seed, out_root)
+    reference = write_export(spec, seed, out_root)
     export_dir = out_root / spec.name
     print(f"{export_dir}:")
     verify_export(export_dir, [], spec.config.num_hidden_layers)
-    file_sizes(export_dir)
+    ref_dir = out_root / "tiny-dsv4-e2e-ref"
+    write_reference(e2e_reference_tensors(reference, export_dir), e2e_config(), ref_dir)
+    verify_e2e_reference(ref_dir, export_dir, reference)
+    for d in (export_dir, ref_dir):
+        print(f"{d}:")
+        file_sizes(d)
 
 
 def main(argv: list[str] | None = None) -> int:

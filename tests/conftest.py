@@ -32,14 +32,15 @@ def source(request: pytest.FixtureRequest) -> Path:
 
 @pytest.fixture(scope="session")
 def convert_once(tmp_path_factory: pytest.TempPathFactory):
-    """``convert_once(src, policy, experts)`` -> DST, converted at most once per session."""
-    cache: dict[tuple[Path, str, str], Path] = {}
+    """``convert_once(src, policy, experts, attention_from=None)`` -> DST, converted at most once per session."""
+    cache: dict[tuple[Path, str, str, Path | None], Path] = {}
 
-    def convert(src: Path, policy: str = "default", experts: str = "nvfp4") -> Path:
-        key = (src, policy, experts)
+    def convert(src: Path, policy: str = "default", experts: str = "nvfp4", attention_from: Path | None = None) -> Path:
+        key = (src, policy, experts, attention_from)
         if key not in cache:
-            dst = tmp_path_factory.mktemp(f"{src.name}-{policy}-{experts}") / "out"
-            run(src, dst, Policy(policy, experts))
+            graft = "-graft" if attention_from is not None else ""
+            dst = tmp_path_factory.mktemp(f"{src.name}-{policy}-{experts}{graft}") / "out"
+            run(src, dst, Policy(policy, experts), attention_from=attention_from)
             cache[key] = dst
         return cache[key]
 

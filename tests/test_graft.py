@@ -108,14 +108,12 @@ def test_a_reference_that_does_not_match_is_refused_before_writing(tmp_path, wha
     assert not dst.exists()
 
 
-vllm_deep_gemm = pytest.importorskip("vllm.utils.deep_gemm")
-
-
 def test_fp8_release_round_trips_through_a_bf16_cast(tmp_path):
     """DeepSeek's release stores these weights FP8 with power-of-two 128x128 scales. A BF16 reference
     made by casting it is exact, and our FP8 path gives back the release's values bit for bit; its
     bytes too, except in blocks whose largest code rounded down to 224, where the ceil rule picks
     half the scale and doubles every code (the same values, another encoding)."""
+    vllm_deep_gemm = pytest.importorskip("vllm.utils.deep_gemm")
     ref = load_all(REF)
     linears = {k: v for k, v in ref.items() if k.endswith("_proj.weight") and v.dim() == 2 and ".experts." not in k}
     release, cast = {}, {}
@@ -151,3 +149,36 @@ def test_fp8_release_round_trips_through_a_bf16_cast(tmp_path):
     q224, s224 = quantize_fp8_block(torch.full((1, 1), 224.0 * 2**-9))
     assert float(s224) == 2**-10 and float(q224.float()) == 448.0
     print(f"blocks with the release's bytes: {same_bytes}; same values, other encoding: {other_encoding}")
+
+
+def test_e2e_graft_tracks_the_unquantized_reference_at_least_as_well_as_plain_in_transformers(convert_once):
+    """Issue 6's acceptance without vLLM (test_vllm_generate.py has it with vLLM, where its CPU forward runs):
+    transformers stands in for vLLM. The reference is REF's non-expert weights + the source's dequantized
+    experts; each conversion of the e2e fixture (routed experts NVFP4, dequantized as they load) greedily
+    generates and is scored against it by the vLLM tests' agreement function."""
+    pytest.importorskip("transformers")
+    from vllm_harness import (
+        E2E_FIXTURE,
+        E2E_REF,
+        agreement,
+        converted_state_dict,
+        greedy_generations,
+        reference_state_dict,
+        transformers_model,
+    )
+
+    reference = reference_state_dict(ref=E2E_REF)
+    results, weights = {}, {}
+    for name, ref in (("plain", None), ("grafted", E2E_REF)):
+        weights[name] = converted_state_dict(convert_once(E2E_FIXTURE, "default", "nvfp4", attention_from=ref))
+        model = transformers_model(weights[name])  # strict=True, as the reference's own (in agreement)
+        results[name] = agreement(greedy_generations(model, max_tokens=8), ref=E2E_REF)
+        print(f"{name} vs the unquantized reference (transformers): {results[name]}")
+    assert results["grafted"].matches >= results["plain"].matches, results
+    # Why: REF is FP8 with power-of-two block scales, so the default policy's BF16 and FP8 modules give REF's
+    # values back exactly; the plain conversion's come from NVFP4.
+    non_expert = [k for k in reference if ".mlp.experts." not in k]
+    assert all(torch.equal(weights["grafted"][k], reference[k]) for k in non_expert)
+    fp8_in_ref = {f"{n.removesuffix('.scale')}.weight" for n in load_all(E2E_REF) if n.endswith("_proj.scale")}
+    assert len(fp8_in_ref) == 32
+    assert {k for k in non_expert if not torch.equal(weights["plain"][k], reference[k])} == fp8_in_ref

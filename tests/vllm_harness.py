@@ -17,10 +17,12 @@ from pathlib import Path
 import torch
 from helpers import Tensors, load_all, mutated_copy
 
-from nvfp4_convert.codecs import dequantize_nvfp4
+from nvfp4_convert.codecs import dequantize_fp8_block, dequantize_nvfp4
+from nvfp4_convert.naming import to_native
 
 TESTS = Path(__file__).resolve().parent
 E2E_FIXTURE = TESTS / "fixtures" / "tiny-dsv4-e2e"
+E2E_REF = TESTS / "fixtures" / "tiny-dsv4-e2e-ref"  # its weights before quantization, no routed experts
 WORKER = TESTS / "vllm_worker.py"
 
 # Three fixed prompts (token ids of the 256-token vocabulary; 0 = bos and 1 = eos avoided), 16 greedy steps each.
@@ -142,19 +144,27 @@ def same_values(held: torch.Tensor, ours: torch.Tensor) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The reference: transformers' DeepseekV4ForCausalLM in float32 holding the source's dequantized weights
+# The reference: transformers' DeepseekV4ForCausalLM in float32 holding the source's dequantized weights, or, given
+# REF (``--attention-from``'s reference, e.g. ``E2E_REF``), REF's non-expert weights and the source's routed experts
 
 
-def source_state_dict(src: Path = E2E_FIXTURE) -> Tensors:
-    """The weights ModelOpt's fake-quantized model had, by transformers names, experts fused as transformers holds them."""
-    tensors = load_all(src)
+def dequantized_state_dict(tensors: Tensors) -> Tensors:
+    """float32 weights by transformers name, experts fused as transformers holds them.
+
+    A linear may be stored NVFP4 (``weight_scale``, ``weight_scale_2``; ``input_scale`` is an activation scale and
+    is dropped), FP8 with a block ``scale``, or plain; other tensors are cast to float32 (integers kept).
+    """
     sd: Tensors = {}
     for name, t in tensors.items():
         if name.endswith((".weight_scale", ".weight_scale_2", ".input_scale")):
-            continue  # consumed with their weight; input_scale is an activation scale
+            continue  # consumed with their weight
+        if name.endswith(".scale") and f"{name.removesuffix('.scale')}.weight" in tensors:
+            continue  # an FP8 block scale (not attn_hc.scale and the like, which have no weight beside them)
         module = name.removesuffix(".weight")
         if name.endswith(".weight") and f"{module}.weight_scale" in tensors:
             sd[name] = dequantize_nvfp4(t, tensors[f"{module}.weight_scale"], tensors[f"{module}.weight_scale_2"])
+        elif name.endswith(".weight") and f"{module}.scale" in tensors:
+            sd[name] = dequantize_fp8_block(t, tensors[f"{module}.scale"])
         else:
             sd[name] = t.float() if t.is_floating_point() else t
     experts: dict[str, dict[tuple[int, str], torch.Tensor]] = {}
@@ -169,15 +179,68 @@ def source_state_dict(src: Path = E2E_FIXTURE) -> Tensors:
     return sd
 
 
-@lru_cache(maxsize=1)
-def reference_model(src: Path = E2E_FIXTURE):
+def source_state_dict(src: Path = E2E_FIXTURE) -> Tensors:
+    """The weights ModelOpt's fake-quantized model had, by transformers names, experts fused as transformers holds them."""
+    return dequantized_state_dict(load_all(src))
+
+
+def reference_state_dict(src: Path = E2E_FIXTURE, ref: Path | None = None) -> Tensors:
+    """``source_state_dict(src)``; with ``ref``, every non-expert tensor taken from REF instead (which has them all)."""
+    sd = source_state_dict(src)
+    if ref is None:
+        return sd
+    theirs = {k: v for k, v in dequantized_state_dict(load_all(ref)).items() if ".mlp.experts." not in k}
+    ours = {k for k in sd if ".mlp.experts." not in k}
+    assert set(theirs) == ours, (
+        f"{ref}: missing {sorted(ours - set(theirs))[:5]}, extra {sorted(set(theirs) - ours)[:5]}"
+    )
+    sd.update(theirs)
+    return sd
+
+
+def converted_state_dict(dst: Path, src: Path = E2E_FIXTURE) -> Tensors:
+    """A converted checkpoint (native names, any formats) back in transformers' names and float32, as it would load."""
+    names = {}
+    for name in load_all(src):  # the source's transformers names; FP8 output adds a block scale to some weights
+        for n in (name, f"{name.removesuffix('.weight')}.scale"):
+            native = to_native(n)
+            if native is not None:
+                names.setdefault(native, n)
+    out = load_all(dst)
+    unknown = sorted(set(out) - set(names))
+    assert not unknown, f"{dst}: tensors without a transformers name: {unknown[:5]}"
+    return dequantized_state_dict({names[k]: v for k, v in out.items()})
+
+
+def transformers_model(state_dict: Tensors, src: Path = E2E_FIXTURE):
+    """transformers' ``DeepseekV4ForCausalLM`` of ``src``'s config in float32 holding ``state_dict`` (strict)."""
     from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
     cfg = json.loads((src / "config.json").read_text())
     cfg.pop("quantization_config", None)
     model = DeepseekV4ForCausalLM._from_config(DeepseekV4Config.from_dict(cfg), dtype=torch.float32)
-    model.load_state_dict(source_state_dict(src), strict=True)
+    model.load_state_dict(state_dict, strict=True)
     return model.eval()
+
+
+@lru_cache(maxsize=2)
+def reference_model(src: Path = E2E_FIXTURE, ref: Path | None = None):
+    return transformers_model(reference_state_dict(src, ref), src)
+
+
+@torch.no_grad()
+def greedy_generations(model, prompts: list[list[int]] = PROMPTS, max_tokens: int = MAX_TOKENS) -> list[dict]:
+    """What ``vllm_worker.py`` returns, from a transformers model: greedy tokens and their logprobs."""
+    generations = []
+    for prompt in prompts:
+        ids, logprobs = list(prompt), []
+        for _ in range(max_tokens):
+            logp = model(input_ids=torch.tensor([ids])).logits[0, -1].float().log_softmax(-1)
+            token = int(logp.argmax())
+            ids.append(token)
+            logprobs.append(float(logp[token]))
+        generations.append({"tokens": ids[len(prompt) :], "logprobs": logprobs})
+    return generations
 
 
 @dataclass
@@ -199,9 +262,10 @@ class Agreement:
 
 
 @torch.no_grad()
-def agreement(generations: list[dict], prompts: list[list[int]] = PROMPTS) -> Agreement:
-    """Teacher-force the reference on vLLM's tokens: same greedy token? logprob of vLLM's token?"""
-    model = reference_model()
+def agreement(generations: list[dict], prompts: list[list[int]] = PROMPTS, ref: Path | None = None) -> Agreement:
+    """Teacher-force the reference (``reference_model(ref=ref)``) on vLLM's tokens: same greedy token? logprob of
+    vLLM's token?"""
+    model = reference_model(ref=ref)
     matches, deltas, per_prompt = 0, [], []
     for prompt, gen in zip(prompts, generations, strict=True):
         tokens = gen["tokens"]
