@@ -79,8 +79,13 @@ def _bands(rows: int, cols: int) -> Iterator[tuple[int, int]]:
         yield r0, min(rows, r0 + step)
 
 
-def produce(out: OutputTensor, writer: TensorSink) -> None:
-    """Write the bytes of ``out`` through its sink."""
+def produce(out: OutputTensor, writer: TensorSink, scales: dict[str, list[torch.Tensor]] | None = None) -> None:
+    """Write the bytes of ``out`` through its sink.
+
+    ``scales`` carries FP8 block scales from an ``fp8_weight`` to its ``fp8_scale`` (written next by
+    the same thread), so each FP8 tensor is quantized once; without it the scale is recomputed
+    (the same bytes: the quantizer is deterministic).
+    """
     src = out.sources[0]
     if out.op == "copy":
         if src.name.endswith("weight_scale") and src.dtype == "F8_E4M3":
@@ -89,15 +94,22 @@ def produce(out: OutputTensor, writer: TensorSink) -> None:
             writer.write(ws)
         else:
             writer.copy(src.file, src.start, src.nbytes)
+    elif out.op == "fp8_scale" and scales is not None and out.name in scales:
+        for scale in scales.pop(out.name):
+            writer.write(scale.to(torch.float8_e8m0fnu))
     elif out.op in ("bf16", "fp8_weight", "fp8_scale"):
         rows, cols = out.shape if out.op != "fp8_scale" else (out.sources[0].shape[0], _logical_cols(out.sources))
+        kept: list[torch.Tensor] = []
         for r0, r1 in _bands(rows, cols):
             x = decode_rows(out.sources, r0, r1)
             if out.op == "bf16":
                 writer.write(x.to(torch.bfloat16))
-            else:
-                q, scale = quantize_fp8_block(x)
-                writer.write(q if out.op == "fp8_weight" else scale.to(torch.float8_e8m0fnu))
+                continue
+            q, scale = quantize_fp8_block(x)
+            writer.write(q if out.op == "fp8_weight" else scale.to(torch.float8_e8m0fnu))
+            kept.append(scale)
+        if out.op == "fp8_weight" and scales is not None:
+            scales[out.name.removesuffix(".weight") + ".scale"] = kept
     elif out.op == "fold_scale":
         ws = read_tensor(src)
         check_block_scales(ws, src)
@@ -126,8 +138,9 @@ def write_shard(shard: Shard, dst: Path, progress: Progress | None = None) -> Sh
     computed = [o for o in shard.outputs if o.op != "copy"]
 
     def fill(outputs: list[OutputTensor], writer: ShardWriter) -> None:
+        scales: dict[str, list[torch.Tensor]] = {}
         for out in outputs:
-            produce(out, writer.sink(out.name))
+            produce(out, writer.sink(out.name), scales)
             if progress:
                 progress(out.nbytes, 1)
 
