@@ -17,6 +17,7 @@ asserts that. ``ignored_layers`` lists, in native names, every module vLLM must 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,6 +151,7 @@ def build_plan(inv: Inventory, policy: Policy, source: Path, *, shard_bytes: int
         plan.notes.append("no MTP block (mtp.*) in the source: nothing to convert for speculative decoding")
     if policy.name == "bf16":
         plan.notes.append("BF16 wo_a needs vLLM >= 0.30")
+    plan.outputs.sort(key=_read_order)
     plan.shards = assign_shards(plan.outputs, shard_bytes)
     _check_accounting(inv, plan)
     return plan
@@ -289,6 +291,15 @@ def ignored_layers(inv: Inventory, policy: Policy) -> list[str]:
     if policy.experts == "bf16":
         out += [f"{block}.ffn.experts" for block in sorted(inv.experts(), key=_block_key)]
     return out
+
+
+def _read_order(o: OutputTensor) -> tuple:
+    """Block by block (top-level first, then layers, then MTP), and within a block in the order the
+    source stores the bytes: the copies then read (and write) sequentially, not in name order."""
+    m = re.match(r"^(layers|mtp)\.(\d+)\.", o.name)
+    block = (0, 0) if m is None else (1 if m.group(1) == "layers" else 2, int(m.group(2)))
+    src = o.sources[0]
+    return (block, src.file.name, src.start)
 
 
 def _block_key(block: str) -> tuple[int, int]:
