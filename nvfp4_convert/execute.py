@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .codecs import FP8_BLOCK, dequantize_fp8_block, dequantize_nvfp4, quantize_fp8_block
@@ -66,10 +67,10 @@ def check_block_scales(ws: torch.Tensor, info: TensorInfo) -> None:
     Checked on the raw bytes (fast on the ~10 % of a checkpoint that block scales are): NaN is
     0x7F/0xFF, a negative value has the sign bit set and a non-zero magnitude (0x80 is -0.0).
     """
-    raw = ws.view(torch.uint8)
+    raw = ws.view(torch.uint8).numpy()  # numpy: ~100x faster than torch for uint8 compares on CPU
     bad = (raw > 0x80) | (raw == 0x7F)
-    if bool(bad.any()):
-        r, c = (int(i) for i in bad.nonzero()[0])
+    if bad.any():
+        r, c = (int(i) for i in np.argwhere(bad)[0])
         value = ws[r, c].to(torch.float32).item()
         raise ConvertError(f"block scale [{r}, {c}] is {value}: NaN or negative", file=info.file, tensor=info.name)
 
