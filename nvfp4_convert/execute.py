@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, ThreadPoolExecutor, wait
@@ -62,16 +63,33 @@ def decode_rows(sources: tuple[TensorInfo, ...], r0: int, r1: int) -> torch.Tens
 
 
 def check_block_scales(ws: torch.Tensor, info: TensorInfo) -> None:
-    """NVFP4 block scales must be finite and non-negative (e4m3fn has NaN but no Inf).
+    """NVFP4 block scales must be finite and non-negative (e4m3fn has NaN but no Inf)."""
+    _check_e4m3_codes(ws.view(torch.uint8).numpy(), info)
 
-    Checked on the raw bytes (fast on the ~10 % of a checkpoint that block scales are): NaN is
-    0x7F/0xFF, a negative value has the sign bit set and a non-zero magnitude (0x80 is -0.0).
-    """
-    raw = ws.view(torch.uint8).numpy()  # numpy: ~100x faster than torch for uint8 compares on CPU
+
+def check_block_scales_on_disk(info: TensorInfo) -> None:
+    """``check_block_scales`` on a source tensor's bytes, through a transient read-only map: no
+    buffer, no copy, and the pages are in the page cache for the kernel copy that follows."""
+    if info.nbytes == 0:
+        return
+    base = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+    with open(info.file, "rb") as f, mmap.mmap(f.fileno(), info.end - base, access=mmap.ACCESS_READ, offset=base) as mm:
+        raw = np.frombuffer(mm, np.uint8, info.nbytes, info.start - base)
+        suspect = raw.copy() if int(raw.max()) > 0x7E else None  # copy: an error must not pin the map
+        del raw  # the map cannot close while a view of it is alive
+    if suspect is not None:
+        _check_e4m3_codes(suspect.reshape(info.shape), info)
+
+
+def _check_e4m3_codes(raw: np.ndarray, info: TensorInfo) -> None:
+    """On raw e4m3fn codes (numpy: ~100x faster than torch for uint8 compares here): NaN is
+    0x7F/0xFF, a negative value has the sign bit and a non-zero magnitude (0x80 is -0.0)."""
+    if raw.size == 0 or int(raw.max()) <= 0x7E:  # the usual case, decided in one pass
+        return
     bad = (raw > 0x80) | (raw == 0x7F)
     if bad.any():
         r, c = (int(i) for i in np.argwhere(bad)[0])
-        value = ws[r, c].to(torch.float32).item()
+        value = torch.tensor([int(raw[r, c])], dtype=torch.uint8).view(torch.float8_e4m3fn).float().item()
         raise ConvertError(f"block scale [{r}, {c}] is {value}: NaN or negative", file=info.file, tensor=info.name)
 
 
@@ -91,11 +109,8 @@ def produce(out: OutputTensor, writer: TensorSink, scales: dict[str, list[torch.
     src = out.sources[0]
     if out.op == "copy":
         if src.name.endswith("weight_scale") and src.dtype == "F8_E4M3":
-            ws = read_tensor(src)
-            check_block_scales(ws, src)
-            writer.write(ws)
-        else:
-            writer.copy(src.file, src.start, src.nbytes)
+            check_block_scales_on_disk(src)
+        writer.copy(src.file, src.start, src.nbytes)
     elif out.op == "fp8_scale" and scales is not None and out.name in scales:
         for scale in scales.pop(out.name):
             writer.write(scale.to(torch.float8_e8m0fnu))
