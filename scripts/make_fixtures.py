@@ -465,6 +465,16 @@ def _reference_weight(reference: dict[str, torch.Tensor], module: str) -> torch.
     return gate_up[:half] if proj == "gate_proj" else gate_up[half:]
 
 
+def assert_plain_tensors_match(tensors: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> list[str]:
+    """Every non-quantized tensor of the export equals the reference's, dtype and bytes; returns their names."""
+    quantized = set(quantized_modules(tensors))
+    plain = [k for k in tensors if k.rsplit(".", 1)[0] not in quantized]
+    for key in plain:
+        assert tensors[key].dtype == ref[key].dtype, key
+        assert torch.equal(tensors[key].view(torch.uint8), ref[key].view(torch.uint8)), key
+    return plain
+
+
 def verify_reference(ref_dir: Path, export_dir: Path) -> None:
     """Check the reference loads strictly and matches each plain export tensor."""
     with safe_open(str(ref_dir / "model.safetensors"), "pt") as f:
@@ -475,12 +485,7 @@ def verify_reference(ref_dir: Path, export_dir: Path) -> None:
     )
     model.load_state_dict(ref, strict=True)
     check_plain_dtypes(model)
-    tensors = load_export(export_dir)
-    quantized = set(quantized_modules(tensors))
-    plain = [k for k in tensors if k.rsplit(".", 1)[0] not in quantized]
-    for key in plain:
-        assert tensors[key].dtype == ref[key].dtype, key
-        assert torch.equal(tensors[key].view(torch.uint8), ref[key].view(torch.uint8)), key
+    plain = assert_plain_tensors_match(load_export(export_dir), ref)
     print(f"  ref: loads strictly; {len(plain)} plain export tensors byte-identical: OK")
 
 
@@ -533,10 +538,7 @@ def verify_e2e_reference(ref_dir: Path, export_dir: Path, reference: dict[str, t
     assert not [k for k in ref if ".mlp.experts." in k]
     tensors = load_export(export_dir)
     quantized = set(quantized_modules(tensors))
-    plain = [k for k in tensors if k.rsplit(".", 1)[0] not in quantized]
-    for key in plain:
-        assert tensors[key].dtype == ref[key].dtype, key
-        assert torch.equal(tensors[key].view(torch.uint8), ref[key].view(torch.uint8)), key
+    plain = assert_plain_tensors_match(tensors, ref)
     state: dict[str, torch.Tensor] = {}
     fp8, worst = 0, 0.0
     for key, t in ref.items():
