@@ -76,6 +76,8 @@ from pathlib import Path
 import psutil
 import torch
 
+from nvfp4_convert.safetensors_io import OutEntry, encode_header
+
 REPO = Path(__file__).resolve().parents[1]
 # safetensors dtype -> bytes per element (only those the synthetic source uses)
 ITEMSIZE = {"U8": 1, "F8_E4M3": 1, "BF16": 2, "F32": 4, "I64": 8}
@@ -271,18 +273,6 @@ class Filler:
             left -= n
 
 
-def safetensors_header(specs: list[Spec]) -> bytes:
-    """Length prefix + JSON header (padded to 8 bytes) for ``specs`` stored back to back in order."""
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for s in specs:
-        header[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
-        offset += s.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
-
-
 def write_source(src: Path, layers: int, n_experts: int, with_embed: bool, seed: int = 0) -> int:
     """Write the synthetic checkpoint (shards of ~5 GB, index, config); returns the tensor bytes."""
     specs = source_specs(layers, n_experts, with_embed)
@@ -300,7 +290,7 @@ def write_source(src: Path, layers: int, n_experts: int, with_embed: bool, seed:
     for k, group in enumerate(groups):
         fname = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
         with open(src / fname, "wb") as f:
-            f.write(safetensors_header(group))
+            f.write(encode_header([OutEntry(x.name, x.dtype, x.shape) for x in group]))
             for s in group:
                 for chunk in filler.chunks(s):
                     f.write(chunk)
