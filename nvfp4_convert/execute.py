@@ -2,8 +2,9 @@
 
 Contract:
 - Source files are only ever opened for reading.
-- Each shard is written as ``<name>.partial``, fsynced and renamed (``ShardWriter``); a finished
-  shard is recorded in the journal (``state.Journal``) so ``--resume`` skips it.
+- Each shard is written as ``<name>.partial``, fsynced and renamed (``ShardWriter``); the caller
+  records each finished shard in the journal (``state.RunState``) so ``--resume`` skips it.
+- Within a shard, passthrough copies and conversions run in two threads at fixed file offsets.
 - Memory is bounded by one row band of the largest converted tensor (``BAND_BYTES`` of float32),
   whatever the number or size of shards; passthrough bytes go through ``copy_file_range``.
 - Shards are independent: ``workers`` processes write them in parallel; the bytes of every shard
