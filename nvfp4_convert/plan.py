@@ -270,27 +270,27 @@ def _gate_up_fix(prefix: str, experts: dict[str, Module]) -> GateUpFix | None:
     return GateUpFix(prefix, g, u, "w1" if g < u else "w3", ratio)
 
 
+def ignore_names(module: Module) -> list[str]:
+    """The ``ignored_layers`` entries that make vLLM build ``module`` unquantized (BF16): the fused
+    vLLM module and its shard names (older releases match only the fused name); none for roles
+    vLLM builds without a quant config anyway (compressors, indexer ``weights_proj``)."""
+    if module.role == Role.ATTENTION:
+        block, _, proj = module.name.partition(".attn.")
+        if proj in ("wq_a", "wkv"):
+            return [f"{block}.attn.fused_wqa_wkv", f"{block}.attn.wq_a", f"{block}.attn.wkv"]
+        return [module.name]
+    if module.role == Role.SHARED_EXPERT:
+        p = module.name.rsplit(".", 1)[0]
+        return [f"{p}.gate_up_proj", f"{p}.w1", f"{p}.w3", f"{p}.w2"]
+    if module.role == Role.ROUTED_EXPERT:
+        return [f"{module.name.split('.ffn.experts.')[0]}.ffn.experts"]
+    return []
+
+
 def ignored_layers(inv: Inventory, policy: Policy) -> list[str]:
-    """Native module names vLLM must build unquantized (BF16), fused names and shard names both."""
-    out: list[str] = []
-    blocks = sorted({m.name.split(".attn.")[0] for m in inv.linears(Role.ATTENTION)}, key=_block_key)
-    for block in blocks:
-        present = {
-            m.name.split(".attn.", 1)[1] for m in inv.linears(Role.ATTENTION) if m.name.startswith(block + ".attn.")
-        }
-        if policy.attention_target("wq_a") == Target.BF16 and {"wq_a", "wkv"} & present:
-            out += [f"{block}.attn.fused_wqa_wkv", f"{block}.attn.wq_a", f"{block}.attn.wkv"]
-        for proj in ("wq_b", "wo_a", "wo_b", "indexer.wq_b"):
-            if proj in present and policy.attention_target(proj) == Target.BF16:
-                out.append(f"{block}.attn.{proj}")
-    shared_blocks = sorted({m.name.split(".ffn.")[0] for m in inv.linears(Role.SHARED_EXPERT)}, key=_block_key)
-    if policy.shared_expert_target == Target.BF16:
-        for block in shared_blocks:
-            p = f"{block}.ffn.shared_experts"
-            out += [f"{p}.gate_up_proj", f"{p}.w1", f"{p}.w3", f"{p}.w2"]
-    if policy.experts == "bf16":
-        out += [f"{block}.ffn.experts" for block in sorted(inv.experts(), key=_block_key)]
-    return out
+    """Native module names vLLM must build unquantized (BF16) under ``policy``, in module order."""
+    names = (n for m in inv.linears() if policy.target(m) == Target.BF16 for n in ignore_names(m))
+    return list(dict.fromkeys(names))
 
 
 def _read_order(o: OutputTensor) -> tuple:
@@ -300,11 +300,6 @@ def _read_order(o: OutputTensor) -> tuple:
     block = (0, 0) if m is None else (1 if m.group(1) == "layers" else 2, int(m.group(2)))
     src = o.sources[0]
     return (block, src.file.name, src.start)
-
-
-def _block_key(block: str) -> tuple[int, int]:
-    kind, _, idx = block.partition(".")
-    return (0 if kind == "layers" else 1, int(idx) if idx.isdigit() else 0)
 
 
 def assign_shards(outputs: list[OutputTensor], shard_bytes: int) -> list[Shard]:

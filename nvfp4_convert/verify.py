@@ -34,7 +34,7 @@ from .errors import ConvertError
 from .execute import decode_rows
 from .inventory import Inventory, Module, Role, build_inventory
 from .naming import native_name
-from .plan import OutputTensor, build_plan, decode_sources
+from .plan import OutputTensor, build_plan, decode_sources, ignore_names
 from .policy import Policy
 from .report import REPORT_JSON
 from .safetensors_io import TensorInfo, read_rows, read_tensor
@@ -200,21 +200,7 @@ def _check_expected_modules(inv: Inventory, cfg: dict[str, Any]) -> list[Finding
 
 def bf16_modules_needing_ignore(inv: Inventory) -> set[str]:
     """Native names that must be in ``ignored_layers`` given the formats on disk."""
-    need: set[str] = set()
-    for m in inv.linears():
-        bf16 = m.format == "dense"
-        block, _, rest = m.name.partition(".attn.") if ".attn." in m.name else m.name.partition(".ffn.")
-        if m.role == Role.ATTENTION and bf16:
-            if rest in ("wq_a", "wkv"):
-                need |= {f"{block}.attn.fused_wqa_wkv", f"{block}.attn.wq_a", f"{block}.attn.wkv"}
-            else:
-                need.add(m.name)
-        elif m.role == Role.SHARED_EXPERT and bf16:
-            p = f"{block}.ffn.shared_experts"
-            need |= {f"{p}.gate_up_proj", f"{p}.w1", f"{p}.w3", f"{p}.w2"}
-        elif m.role == Role.ROUTED_EXPERT and bf16:
-            need.add(f"{m.name.split('.ffn.experts.')[0]}.ffn.experts")
-    return need
+    return {n for m in inv.linears() if m.format == "dense" for n in ignore_names(m)}
 
 
 def _check_ignored_layers(inv: Inventory, cfg: dict[str, Any]) -> list[Finding]:
