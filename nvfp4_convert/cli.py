@@ -28,7 +28,7 @@ from rich.progress import (
 from rich.table import Table
 
 from . import __version__
-from .convert import prepare, run
+from .convert import Prepared, prepare, run
 from .errors import ConvertError
 from .execute import default_workers
 from .inspect import inspect_checkpoint
@@ -164,8 +164,11 @@ def _run(
     pass_unknown: bool,
     quiet: bool,
     attention_from: Path | None = None,
+    prepared: Prepared | None = None,
 ) -> dict:
-    prep = prepare(src, policy, shard_bytes=shard_bytes, pass_unknown=pass_unknown, attention_from=attention_from)
+    prep = prepared or prepare(
+        src, policy, shard_bytes=shard_bytes, pass_unknown=pass_unknown, attention_from=attention_from
+    )
     if prep.inventory.unknown:
         console.print(
             f"[bold yellow]warning:[/] passing {len(prep.inventory.unknown)} unrecognised tensor(s) through: {sorted(prep.inventory.unknown)[:5]}"
@@ -310,7 +313,7 @@ def demo_cmd(
     def go() -> None:
         prep = prepare(DEMO_FIXTURE, Policy(policy, experts))
         _print_plan(prep.plan)
-        _run(DEMO_FIXTURE, dst, Policy(policy, experts), 1, DEFAULT_SHARD_BYTES, False, False, True)
+        _run(DEMO_FIXTURE, dst, prep.plan.policy, 1, DEFAULT_SHARD_BYTES, False, False, True, prepared=prep)
         info = inspect_checkpoint(dst)
         out.print(f"result: {info['status']}, {info['naming']} names, {info['tensors']} tensors; formats:")
         for row in info["formats"]:
