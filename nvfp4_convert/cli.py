@@ -137,6 +137,9 @@ def run_cmd(
     pass_unknown: Annotated[bool, typer.Option(help="pass unrecognised tensors through (loudly)")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
     attention_from: RefOpt = None,
+    io: Annotated[
+        str, typer.Option(help="auto | direct (O_DIRECT, no page cache) | buffered (page cache, copy_file_range)")
+    ] = "auto",
 ) -> None:
     """Convert SRC into a checkpoint stock vLLM serves."""
     _fail_cleanly(
@@ -150,6 +153,7 @@ def run_cmd(
             pass_unknown,
             quiet,
             attention_from,
+            io=io,
         )
     )
 
@@ -165,6 +169,7 @@ def _run(
     quiet: bool,
     attention_from: Path | None = None,
     prepared: Prepared | None = None,
+    io: str = "auto",
 ) -> dict:
     prep = prepared or prepare(
         src, policy, shard_bytes=shard_bytes, pass_unknown=pass_unknown, attention_from=attention_from
@@ -193,13 +198,14 @@ def _run(
             count[0] += ntensors
             progress.update(task, advance=nbytes, tensors=count[0])
 
-        report = run(src, dst, policy, workers=workers, resume=resume, progress=advance, prepared=prep)
+        report = run(src, dst, policy, workers=workers, resume=resume, progress=advance, prepared=prep, io=io)
     t = report["totals"]
     secs = report["timing"]["seconds"]
     out.print(
         f"[green]done[/]: {t['input_tensors']} input tensors -> {t['output_tensors']} output tensors, "
         f"{t['output_bytes'] / 1e9:.3f} GB in {t['shards']} shard(s), {secs:.1f} s "
-        f"({t['output_bytes'] / 1e9 / max(secs, 1e-9):.2f} GB/s); report: {dst / 'nvfp4-convert-report.txt'}"
+        f"({t['output_bytes'] / 1e9 / max(secs, 1e-9):.2f} GB/s, {report['timing']['io']} I/O); "
+        f"report: {dst / 'nvfp4-convert-report.txt'}"
     )
     return report
 

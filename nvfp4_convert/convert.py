@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from . import direct_io
 from .checkpoint import INDEX_NAME, Checkpoint
 from .config_emit import hf_quant_config, vllm_config
 from .errors import ConvertError
@@ -111,8 +112,13 @@ def run(
     attention_from: Path | None = None,
     progress: Progress | None = None,
     prepared: Prepared | None = None,
+    io: str = "auto",
 ) -> dict:
-    """Convert SRC into DST; returns the report dict."""
+    """Convert SRC into DST; returns the report dict.
+
+    ``io``: ``direct`` (``O_DIRECT``: no page cache), ``buffered`` (page cache, ``copy_file_range``)
+    or ``auto`` (direct where both filesystems accept it). The bytes written are the same.
+    """
     t0 = time.monotonic()
     prep = prepared or prepare(
         src, policy, shard_bytes=shard_bytes, pass_unknown=pass_unknown, attention_from=attention_from
@@ -121,6 +127,7 @@ def run(
     done_bytes = _already_written(dst, plan) if resume else 0
     check_destination(src, dst, resume=resume, needed_bytes=plan.output_bytes - done_bytes)
     dst.mkdir(parents=True, exist_ok=True)
+    direct = use_direct_io(io, dst, plan)
     with RunState(dst, plan_fingerprint(plan), resume=resume) as state:
         for stale in dst.glob("*.partial"):  # left by a killed run; never part of a finished shard
             stale.unlink()
@@ -145,18 +152,38 @@ def run(
             state.record(res.file, res.size, digests[res.file])
 
         try:
-            write_shards(todo, dst, workers=workers, progress=progress, on_done=on_done)
+            write_shards(todo, dst, workers=workers, direct=direct, progress=progress, on_done=on_done)
         except OSError as e:
             raise ConvertError(f"write failed: {e.strerror or e}; free space and rerun with --resume", file=dst) from e
         t_shards = time.monotonic() - t0
         _write_metadata(prep, dst)
         errors = graft_errors(prep.graft) if prep.graft else None
-        timing = {"seconds": round(time.monotonic() - t0, 3), "shards_seconds": round(t_shards, 3)}
+        timing = {
+            "seconds": round(time.monotonic() - t0, 3),
+            "shards_seconds": round(t_shards, 3),
+            "io": "direct" if direct else "buffered",
+        }
         report = report_dict(plan, dst=str(dst), timing=timing, graft_errors=errors)
         write_file_atomic(dst / REPORT_TEXT, render_text(plan, graft_errors=errors).encode())
         write_file_atomic(dst / REPORT_JSON, json.dumps(report, indent=1).encode())
         state.remove()
     return report
+
+
+IO_MODES = ("auto", "direct", "buffered")
+
+
+def use_direct_io(io: str, dst: Path, plan: Plan) -> bool:
+    """Resolve ``io`` (see ``run``) for DST and one file of each directory copies read from."""
+    if io not in IO_MODES:
+        raise ConvertError(f"unknown I/O mode {io!r} (one of {', '.join(IO_MODES)})")
+    if io == "buffered":
+        return False
+    samples = {o.sources[0].file.parent: o.sources[0].file for o in plan.outputs if o.op == "copy"}
+    ok = all(direct_io.supported(dst, f) for f in samples.values()) if samples else direct_io.supported(dst)
+    if io == "direct" and not ok:
+        raise ConvertError("the filesystem refuses O_DIRECT; use --io buffered", file=dst)
+    return ok
 
 
 def _already_written(dst: Path, plan: Plan) -> int:

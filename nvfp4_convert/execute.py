@@ -5,18 +5,20 @@ Contract:
 - Each shard is written as ``<name>.partial``, fsynced and renamed (``ShardWriter``); the caller
   records each finished shard in the journal (``state.RunState``) so ``--resume`` skips it.
 - Within a shard, passthrough copies and conversions run in two threads at fixed file offsets.
-- Memory is bounded by one row band of the largest converted tensor (``BAND_BYTES`` of float32),
-  whatever the number or size of shards; passthrough bytes go through ``copy_file_range``.
+- Memory is bounded by one row band of the largest converted tensor (``BAND_BYTES`` of float32)
+  and the I/O buffers of ``direct_io``, whatever the number or size of shards. Passthrough tensors
+  that are back to back in the source are copied as one run: ``O_DIRECT`` reads and writes
+  (``direct=True``) or ``copy_file_range``.
 - Shards are independent: ``workers`` processes write them in parallel; the bytes of every shard
   depend only on the plan, never on the number of workers or the order they finish in.
-- Block scales of NVFP4 tensors are checked as they are read: NaN or negative stops the run.
+- Block scales of NVFP4 tensors are checked as their bytes stream by, copied or converted: NaN or
+  negative stops the run.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
-import mmap
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, ThreadPoolExecutor, wait
@@ -65,33 +67,41 @@ def decode_rows(sources: tuple[TensorInfo, ...], r0: int, r1: int) -> torch.Tens
 
 def check_block_scales(ws: torch.Tensor, info: TensorInfo) -> None:
     """NVFP4 block scales must be finite and non-negative (e4m3fn has NaN but no Inf)."""
-    _check_e4m3_codes(ws.view(torch.uint8).numpy(), info)
+    _check_e4m3_codes(ws.view(torch.uint8).reshape(-1).numpy(), info)
 
 
-def check_block_scales_on_disk(info: TensorInfo) -> None:
-    """``check_block_scales`` on a source tensor's bytes, through a transient read-only map: no
-    buffer, no copy, and the pages are in the page cache for the kernel copy that follows."""
-    if info.nbytes == 0:
-        return
-    base = info.start - info.start % mmap.ALLOCATIONGRANULARITY
-    with open(info.file, "rb") as f, mmap.mmap(f.fileno(), info.end - base, access=mmap.ACCESS_READ, offset=base) as mm:
-        raw = np.frombuffer(mm, np.uint8, info.nbytes, info.start - base)
-        suspect = raw.copy() if int(raw.max()) > 0x7E else None  # copy: an error must not pin the map
-        del raw  # the map cannot close while a view of it is alive
-    if suspect is not None:
-        _check_e4m3_codes(suspect.reshape(info.shape), info)
+def is_block_scale(info: TensorInfo) -> bool:
+    """An NVFP4 block-scale tensor (checked as it streams by, even when copied unchanged)."""
+    return info.name.endswith("weight_scale") and info.dtype == "F8_E4M3"
 
 
-def _check_e4m3_codes(raw: np.ndarray, info: TensorInfo) -> None:
-    """On raw e4m3fn codes (numpy: ~100x faster than torch for uint8 compares here): NaN is
-    0x7F/0xFF, a negative value has the sign bit and a non-zero magnitude (0x80 is -0.0)."""
+class ScaleCheck:
+    """``check_block_scales`` for the scale tensors among a run of copied tensors, applied to the
+    source bytes as they stream by in chunks (``ShardWriter.copy_run``'s ``inspect``)."""
+
+    def __init__(self, tensors: list[TensorInfo]) -> None:
+        self.scales = [t for t in tensors if is_block_scale(t) and t.nbytes]
+
+    def __call__(self, offset: int, view: memoryview) -> None:
+        end = offset + len(view)
+        for t in self.scales:
+            lo, hi = max(t.start, offset), min(t.end, end)
+            if lo < hi:
+                _check_e4m3_codes(np.frombuffer(view, np.uint8, hi - lo, lo - offset), t, first=lo - t.start)
+
+
+def _check_e4m3_codes(raw: np.ndarray, info: TensorInfo, first: int = 0) -> None:
+    """On flat raw e4m3fn codes, element ``first`` onwards of ``info`` (numpy: ~100x faster than
+    torch for uint8 compares here): NaN is 0x7F/0xFF, a negative value has the sign bit and a
+    non-zero magnitude (0x80 is -0.0)."""
     if raw.size == 0 or int(raw.max()) <= 0x7E:  # the usual case, decided in one pass
         return
     bad = (raw > 0x80) | (raw == 0x7F)
     if bad.any():
-        r, c = (int(i) for i in np.argwhere(bad)[0])
-        value = torch.tensor([int(raw[r, c])], dtype=torch.uint8).view(torch.float8_e4m3fn).float().item()
-        raise ConvertError(f"block scale [{r}, {c}] is {value}: NaN or negative", file=info.file, tensor=info.name)
+        i = int(np.argmax(bad))
+        where = [int(k) for k in np.unravel_index(first + i, info.shape)]
+        value = torch.tensor([int(raw[i])], dtype=torch.uint8).view(torch.float8_e4m3fn).float().item()
+        raise ConvertError(f"block scale {where} is {value}: NaN or negative", file=info.file, tensor=info.name)
 
 
 def _bands(rows: int, cols: int) -> Iterator[tuple[int, int]]:
@@ -101,18 +111,14 @@ def _bands(rows: int, cols: int) -> Iterator[tuple[int, int]]:
 
 
 def produce(out: OutputTensor, writer: TensorSink, scales: dict[str, list[torch.Tensor]] | None = None) -> None:
-    """Write the bytes of ``out`` through its sink.
+    """Write the bytes of a computed ``out`` (any op but ``copy``, see ``copy_run``) through its sink.
 
     ``scales`` carries FP8 block scales from an ``fp8_weight`` to its ``fp8_scale`` (written next by
     the same thread), so each FP8 tensor is quantized once; without it the scale is recomputed
     (the same bytes: the quantizer is deterministic).
     """
     src = out.sources[0]
-    if out.op == "copy":
-        if src.name.endswith("weight_scale") and src.dtype == "F8_E4M3":
-            check_block_scales_on_disk(src)
-        writer.copy(src.file, src.start, src.nbytes)
-    elif out.op == "fp8_scale" and scales is not None and out.name in scales:
+    if out.op == "fp8_scale" and scales is not None and out.name in scales:
         for scale in scales.pop(out.name):
             writer.write(scale.to(torch.float8_e8m0fnu))
     elif out.op in ("bf16", "fp8_weight", "fp8_scale"):
@@ -144,37 +150,82 @@ def _logical_cols(sources: tuple[TensorInfo, ...]) -> int:
     return w.shape[1] * 2 if w.dtype == "U8" else w.shape[1]
 
 
-def write_shard(shard: Shard, dst: Path, progress: Progress | None = None) -> ShardResult:
-    """Write one shard atomically; report progress per tensor.
+def copy_runs(outputs: list[OutputTensor]) -> list[list[OutputTensor]]:
+    """Maximal runs of consecutive ``copy`` outputs whose sources are back to back in one file:
+    each run is one sequential copy (one read and one write stream, not one per tensor)."""
+    runs: list[list[OutputTensor]] = []
+    previous: TensorInfo | None = None
+    for out in outputs:
+        if out.op != "copy":
+            previous = None
+            continue
+        src = out.sources[0]
+        if previous is not None and previous.file == src.file and previous.end == src.start:
+            runs[-1].append(out)
+        else:
+            runs.append([out])
+        previous = src
+    return runs
+
+
+def copy_run(run: list[OutputTensor], writer: ShardWriter, progress: Progress | None = None) -> None:
+    """Copy one run's source bytes unchanged, checking the NVFP4 block scales among them."""
+    sources = [o.sources[0] for o in run]
+    ends = [s.end - sources[0].start for s in sources]  # where each tensor ends, from the run's start
+    done = [0, 0]  # bytes, tensors
+
+    def advance(nbytes: int) -> None:
+        done[0] += nbytes
+        tensors = done[1]
+        while done[1] < len(ends) and ends[done[1]] <= done[0]:
+            done[1] += 1
+        if progress:
+            progress(nbytes, done[1] - tensors)
+
+    writer.copy_run(
+        [o.name for o in run], sources[0].file, sources[0].start, inspect=ScaleCheck(sources), progress=advance
+    )
+    if progress and done[1] < len(run):  # zero-byte tensors at the end of the run
+        progress(0, len(run) - done[1])
+
+
+def write_shard(shard: Shard, dst: Path, progress: Progress | None = None, *, direct: bool = False) -> ShardResult:
+    """Write one shard atomically; report progress per chunk and tensor.
 
     Passthrough copies (kernel work) and conversions (torch work) run in two threads, each at its
     tensors' own offsets in the file: the conversion of a layer's attention overlaps the copy of
-    its experts. Both release the GIL; the bytes are the same whatever the timing.
+    its experts. Both release the GIL; the bytes are the same whatever the timing, and whether
+    the file is written with ``O_DIRECT`` (``direct``) or through the page cache.
     """
     final = dst / shard.file
-    copies = [o for o in shard.outputs if o.op == "copy"]
+    runs = copy_runs(shard.outputs)
     computed = [o for o in shard.outputs if o.op != "copy"]
 
-    def fill(outputs: list[OutputTensor], writer: ShardWriter) -> None:
+    def convert_all(writer: ShardWriter) -> None:
         scales: dict[str, list[torch.Tensor]] = {}
-        for out in outputs:
+        for out in computed:
             produce(out, writer.sink(out.name), scales)
             if progress:
                 progress(out.nbytes, 1)
 
+    def copy_all(writer: ShardWriter) -> None:
+        for run in runs:
+            copy_run(run, writer, progress)
+
     try:
-        with ShardWriter(final, shard.entries) as writer:
-            if computed and copies:
+        with ShardWriter(final, shard.entries, direct=direct) as writer:
+            if computed and runs:
                 with ThreadPoolExecutor(1, thread_name_prefix="convert") as pool:
-                    background = pool.submit(fill, computed, writer)
+                    background = pool.submit(convert_all, writer)
                     try:
-                        fill(copies, writer)
+                        copy_all(writer)
                     finally:
                         exc = background.exception()  # wait for it before the writer can abort
                     if exc is not None:
                         raise exc
             else:
-                fill(shard.outputs, writer)
+                copy_all(writer)
+                convert_all(writer)
             writer.commit()
     except OSError as e:
         hint = "; free space and rerun with --resume" if e.errno == errno.ENOSPC else ""
@@ -213,8 +264,8 @@ def _worker_progress(nbytes: int, ntensors: int) -> None:
     _queue.put((nbytes, ntensors))  # type: ignore[attr-defined]
 
 
-def _write_shard_in_worker(shard: Shard, dst: Path) -> ShardResult:
-    return write_shard(shard, dst, _worker_progress if _queue is not None else None)
+def _write_shard_in_worker(shard: Shard, dst: Path, direct: bool) -> ShardResult:
+    return write_shard(shard, dst, _worker_progress if _queue is not None else None, direct=direct)
 
 
 def write_shards(
@@ -222,15 +273,17 @@ def write_shards(
     dst: Path,
     *,
     workers: int = 1,
+    direct: bool = False,
     progress: Progress | None = None,
     on_done: Callable[[ShardResult], None] | None = None,
 ) -> list[ShardResult]:
-    """Write ``shards`` with ``workers`` processes (1 = in this process); ``on_done`` per finished shard."""
+    """Write ``shards`` with ``workers`` processes (1 = in this process); ``on_done`` per finished
+    shard; ``direct``: with ``O_DIRECT`` (see ``direct_io``)."""
     results: list[ShardResult] = []
     pin_mmap_threshold()
     if workers <= 1 or len(shards) <= 1:
         for shard in shards:
-            res = write_shard(shard, dst, progress)
+            res = write_shard(shard, dst, progress, direct=direct)
             results.append(res)
             if on_done:
                 on_done(res)
@@ -238,7 +291,7 @@ def write_shards(
     ctx = get_context("spawn")
     queue = ctx.Manager().Queue() if progress else None
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
-        pending = {pool.submit(_write_shard_in_worker, s, dst) for s in shards}
+        pending = {pool.submit(_write_shard_in_worker, s, dst, direct) for s in shards}
         while pending:
             done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
             _drain(queue, progress)

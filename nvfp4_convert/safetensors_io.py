@@ -6,7 +6,8 @@
 - ``read_rows``: the bytes of a band of rows of one tensor, read with ``pread`` (memory = the band).
 - ``ShardWriter``: writes a safetensors file whose header is known up front, tensor by tensor,
   under a temporary name; ``commit`` fsyncs and renames it into place, so a crash never leaves a
-  complete-looking shard. Raw byte ranges of source files are copied with ``copy_file_range``.
+  complete-looking shard. Raw byte ranges of source files are copied with ``O_DIRECT`` reads and
+  writes (``direct_io``) or, where the filesystem refuses those, with ``copy_file_range``.
 
 Files written here are read back by ``safetensors`` itself in the tests.
 """
@@ -16,14 +17,16 @@ from __future__ import annotations
 import errno
 import json
 import math
+import mmap
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .direct_io import DirectFile, read_chunks
 from .errors import ConvertError
 
 # safetensors dtype string -> (torch dtype, bytes per element)
@@ -193,14 +196,18 @@ class ShardWriter:
     """Write one safetensors file whose tensors are known in advance.
 
     The header is written first; every tensor then has a fixed byte range, filled through its
-    ``TensorSink`` (``writer.sink(name)``) in order within the tensor but independently of the
-    other tensors: two threads may fill different tensors at once (``pwrite`` and
-    ``copy_file_range`` at explicit offsets). Data goes to ``<final>.partial``; ``commit()`` checks
-    every byte was written, fsyncs and renames; ``abort()`` (or leaving a ``with`` block on an
-    exception) removes the partial file.
+    ``TensorSink`` (``writer.sink(name)``) in order within the tensor, or by ``copy_run`` for
+    consecutive tensors copied from one source range, independently of the other tensors: two
+    threads may fill different tensors at once (positional writes). Data goes to
+    ``<final>.partial``; ``commit()`` checks every byte was written, fsyncs and renames; ``abort()``
+    (or leaving a ``with`` block on an exception) removes the partial file.
+
+    ``direct=True`` writes every byte with ``O_DIRECT`` (``direct_io.DirectFile``) and reads copied
+    ranges with ``O_DIRECT``; otherwise writes are buffered and copies use ``copy_file_range``.
+    The file's bytes are the same either way.
     """
 
-    def __init__(self, final: Path, entries: list[OutEntry]) -> None:
+    def __init__(self, final: Path, entries: list[OutEntry], *, direct: bool = False) -> None:
         self.final = final
         self.partial = final.with_name(final.name + ".partial")
         self.entries = {e.name: e for e in entries}
@@ -212,8 +219,9 @@ class ShardWriter:
             pos += e.nbytes
         self.size = pos
         self.written: dict[str, int] = dict.fromkeys(self.entries, 0)
-        self.fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        _pwrite_all(self.fd, memoryview(header), 0)
+        self.direct = DirectFile(self.partial, self.size) if direct else None
+        self.fd = self.direct.fd if self.direct else os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.pwrite(memoryview(header), 0)
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -224,6 +232,13 @@ class ShardWriter:
 
     def sink(self, name: str) -> TensorSink:
         return TensorSink(self, name)
+
+    def pwrite(self, view: memoryview, offset: int) -> None:
+        """Write bytes at a file offset (callers claim the range first)."""
+        if self.direct:
+            self.direct.pwrite(view, offset)
+        else:
+            _pwrite_all(self.fd, view, offset)
 
     def _claim(self, name: str, nbytes: int) -> int:
         """File offset for the next ``nbytes`` of tensor ``name``; checks the header's size."""
@@ -238,13 +253,54 @@ class ShardWriter:
         self.written[name] = done + nbytes  # one thread per tensor: no other writer of this key
         return self.offsets[name] + done
 
+    def copy_run(
+        self,
+        names: list[str],
+        src: Path,
+        start: int,
+        *,
+        inspect: Callable[[int, memoryview], None] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Fill the consecutive tensors ``names`` (whole) with the bytes of ``src`` from ``start``.
+
+        ``inspect(offset, view)`` sees every source byte (in chunks, at its offset in ``src``)
+        before it is written; ``progress(nbytes)`` is called after each chunk is written.
+        """
+        offset = self.offsets[names[0]] if names else 0
+        nbytes = 0
+        for name in names:
+            if self._claim(name, self.entries[name].nbytes) != offset + nbytes:
+                raise ConvertError("copy run is not contiguous in the shard", file=self.final, tensor=name)
+            nbytes += self.entries[name].nbytes
+        shift = offset - start
+        if self.direct:
+            for pos, view in read_chunks(src, start, nbytes):
+                if inspect:
+                    inspect(pos, view)
+                self.direct.pwrite(view, pos + shift)
+                if progress:
+                    progress(len(view))
+            return
+        with open(src, "rb") as fin:
+            for pos in range(start, start + nbytes, COPY_CHUNK):
+                n = min(COPY_CHUNK, start + nbytes - pos)
+                if inspect:
+                    _inspect_mapped(fin.fileno(), pos, n, inspect)
+                copy_file_range(fin.fileno(), self.fd, pos, n, pos + shift)
+                if progress:
+                    progress(n)
+
     def commit(self) -> None:
         """Check completeness, fsync, rename into place and fsync the directory."""
         missing = [n for n, e in self.entries.items() if self.written[n] != e.nbytes]
         if missing:
             self.abort()
             raise ConvertError("shard incomplete at commit", file=self.final, tensor=missing[0])
-        os.fsync(self.fd)
+        if self.direct:
+            self.direct.finish()
+        else:
+            os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
         os.replace(self.partial, self.final)
@@ -269,13 +325,23 @@ class TensorSink:
         if isinstance(data, torch.Tensor):
             data = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy())
         view = memoryview(data).cast("B")
-        _pwrite_all(self.writer.fd, view, self.writer._claim(self.name, len(view)))
+        self.writer.pwrite(view, self.writer._claim(self.name, len(view)))
 
-    def copy(self, src: Path, start: int, nbytes: int) -> None:
-        """Append ``nbytes`` of ``src`` from ``start`` without passing them through Python buffers."""
-        offset = self.writer._claim(self.name, nbytes)
-        with open(src, "rb") as fin:
-            copy_file_range(fin.fileno(), self.writer.fd, start, nbytes, offset)
+
+def _inspect_mapped(fd: int, start: int, nbytes: int, inspect: Callable[[int, memoryview], None]) -> None:
+    """``inspect`` a file range through a transient read-only map (pages it touches are then cached
+    for the kernel copy that follows)."""
+    base = start - start % mmap.ALLOCATIONGRANULARITY
+    mm = mmap.mmap(fd, start + nbytes - base, access=mmap.ACCESS_READ, offset=base)
+    view = memoryview(mm)[start - base :]
+    try:
+        inspect(start, view)
+    finally:
+        try:
+            view.release()
+            mm.close()
+        except BufferError:  # a view escaped in an exception's traceback: the map closes with it
+            pass
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:

@@ -385,18 +385,30 @@ os.close(fd)
 """
 
 
+# The second baseline: the same files copied with O_DIRECT reads and writes (GNU dd, 64 MiB blocks,
+# fsync per file): the disk's own speed, with no page cache in the way.
+DIRECT_COPY_SNIPPET = """
+mkdir "$2" && for f in "$1"/*; do
+  dd if="$f" of="$2/$(basename "$f")" bs=64M iflag=direct oflag=direct conv=fsync status=none || exit 1
+done && sync "$2"
+"""
+
+
 def copy_cmd(src: Path, dst: Path, mode: str) -> list[str]:
     if mode == "copyfile-fsync":
         return [sys.executable, "-c", COPY_SNIPPET, str(src), str(dst)]
+    if mode == "dd-direct":
+        return ["sh", "-c", DIRECT_COPY_SNIPPET, "sh", str(src), str(dst)]
     return ["sh", "-c", 'cp -r "$1" "$2" && sync', "sh", str(src), str(dst)]
 
 
 SHARD_SIZE: str | None = None  # the converter's --shard-size (None: its default, 5GB)
+IO = "auto"  # the converter's --io
 
 
 def convert_cmd(src: Path, dst: Path, workers: int) -> list[str]:
     cmd = [sys.executable, "-m", "nvfp4_convert.cli", "run", str(src), str(dst), "--quiet", "--workers", str(workers)]
-    return cmd + (["--shard-size", SHARD_SIZE] if SHARD_SIZE else [])
+    return cmd + (["--shard-size", SHARD_SIZE] if SHARD_SIZE else []) + ["--io", IO]
 
 
 def can_drop_caches() -> bool:
@@ -446,10 +458,15 @@ def clear(dst: Path) -> None:
 class Pair:
     convert: Measured
     copy: Measured
+    direct_copy: Measured | None = None  # the dd O_DIRECT baseline, when measured
 
     @property
     def ratio(self) -> float:
         return self.convert.wall_s / self.copy.wall_s
+
+    @property
+    def ratio_direct(self) -> float | None:
+        return self.convert.wall_s / self.direct_copy.wall_s if self.direct_copy else None
 
 
 @dataclass
@@ -549,12 +566,15 @@ def bench_ratio(args: argparse.Namespace, cache: str) -> dict:
         for k in range(args.pairs):
             c = timed(f"convert-w{w}-{k}", convert_cmd(src, dst, w), dst, src, cache, logs)
             out_bytes = dir_bytes(dst)
-            c.internal_s = json.loads((dst / "nvfp4-convert-report.json").read_text())["timing"]["seconds"]
+            timing = json.loads((dst / "nvfp4-convert-report.json").read_text())["timing"]
+            c.internal_s, io_used = timing["seconds"], timing.get("io", "?")
             p = timed(f"copy-w{w}-{k}", copy_cmd(src, dst, args.copy_mode), dst, src, cache, logs)
-            res.pairs.append(Pair(c, p))
+            d = timed(f"dd-w{w}-{k}", copy_cmd(src, dst, "dd-direct"), dst, src, cache, logs) if args.dd else None
+            res.pairs.append(Pair(c, p, d))
+            dd = f"  dd-direct {d.wall_s:6.2f} s (ratio {c.wall_s / d.wall_s:.3f})" if d else ""
             print(
-                f"  workers {w} pair {k + 1}: convert {c.wall_s:7.2f} s  copy {p.wall_s:7.2f} s  "
-                f"ratio {c.wall_s / p.wall_s:.3f}  (converter's own {c.internal_s:.2f} s)  CPU s convert {c.cpu_s:.1f} "
+                f"  workers {w} pair {k + 1}: convert ({io_used} I/O) {c.wall_s:7.2f} s  copy {p.wall_s:7.2f} s  "
+                f"ratio {c.wall_s / p.wall_s:.3f}{dd}  (converter's own {c.internal_s:.2f} s)  CPU s convert {c.cpu_s:.1f} "
                 f"copy {p.cpu_s:.1f}  load before {c.load_before:.1f}/{p.load_before:.1f}  max-process RSS "
                 f"{gib(c.max_process_rss)}  tree RSS {gib(c.tree_rss)}  tree PSS {gib(c.tree_pss)}",
                 flush=True,
@@ -585,11 +605,21 @@ def bench_ratio(args: argparse.Namespace, cache: str) -> dict:
                 "peak_tree_rss_bytes": max(p.convert.tree_rss for p in res.pairs),
                 "peak_tree_pss_bytes": max(p.convert.tree_pss for p in res.pairs),
                 "copy_peak_max_process_rss_bytes": max(p.copy.max_process_rss for p in res.pairs),
+                **(
+                    {
+                        "ratio_vs_dd_direct_median": statistics.median(p.ratio_direct or 0 for p in res.pairs),
+                        "dd_direct_walls_s": [round(p.direct_copy.wall_s, 3) for p in res.pairs if p.direct_copy],
+                        "dd_direct_cpu_s": [round(p.direct_copy.cpu_s, 2) for p in res.pairs if p.direct_copy],
+                    }
+                    if args.dd
+                    else {}
+                ),
             }
         )
     print(
         f"\nsource {src_bytes / 1e9:.2f} GB, converted output {out_bytes / 1e9:.2f} GB; cache {cache}; "
-        f"copy = {args.copy_mode}; {args.pairs} alternating pairs (convert, copy) per worker count"
+        f"copy = {args.copy_mode}; converter --io {IO}; {args.pairs} alternating "
+        f"{'triples (convert, copy, dd-direct)' if args.dd else 'pairs (convert, copy)'} per worker count"
     )
     print(
         f"{'workers':>7} {'ratio(median)':>13} {'ratios':>22} {'convert s':>9} {'copy s':>7} "
@@ -601,6 +631,7 @@ def bench_ratio(args: argparse.Namespace, cache: str) -> dict:
             f"{r['convert_wall_median_s']:>9.2f} {r['copy_wall_median_s']:>7.2f} {r['convert_GBps']:>9.3f} "
             f"{r['copy_GBps']:>9.3f} {gib(r['peak_max_process_rss_bytes']):>12} {gib(r['peak_tree_rss_bytes']):>10} "
             f"{gib(r['peak_tree_pss_bytes']):>10}"
+            + (f"  vs dd-direct {r['ratio_vs_dd_direct_median']:.3f}" if args.dd else "")
         )
     return {
         "mode": "ratio",
@@ -612,6 +643,7 @@ def bench_ratio(args: argparse.Namespace, cache: str) -> dict:
         "cache": cache,
         "startup_s": startup,
         "copy_mode": args.copy_mode,
+        "convert_io": IO,
         "convert_shard_size": SHARD_SIZE or "default (5GB)",
         "pairs": args.pairs,
         "results": rows,
@@ -688,13 +720,17 @@ def main() -> None:
     ap.add_argument("--scaling-experts", type=int, default=96, help="routed experts per layer in --rss-scaling")
     ap.add_argument("--max-disk-gb", type=float, default=40.0, help="refuse to use more disk than this at once")
     ap.add_argument("--convert-shard-size", help="pass --shard-size to the converter (default: its own, 5GB)")
+    ap.add_argument("--io", choices=("auto", "direct", "buffered"), default="auto", help="pass --io to the converter")
+    ap.add_argument(
+        "--no-dd", dest="dd", action="store_false", help="skip the second baseline (dd with O_DIRECT) in ratio mode"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--keep", action="store_true", help="keep the generated data")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the cleanup below runs
-    global SHARD_SIZE
-    SHARD_SIZE = args.convert_shard_size
+    global SHARD_SIZE, IO
+    SHARD_SIZE, IO = args.convert_shard_size, args.io
 
     args.workdir = args.workdir.resolve()  # the runs' working directory is the snapshot, not here
     if args.workdir.exists() and any(args.workdir.iterdir()):

@@ -222,6 +222,32 @@ def test_bad_input_is_refused_in_one_line(tmp_path, case):
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before  # SRC untouched
 
 
+@pytest.mark.parametrize("io", ["direct", "buffered"])
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_bad_expert_block_scale_is_located_exactly_whatever_the_chunking(tmp_path, monkeypatch, io, where):
+    """Copied (expert) scales are checked chunk by chunk as they stream by: with chunks of one
+    block, the bad code is still found and named by its tensor and [row, column]."""
+    import threading
+
+    from nvfp4_convert import direct_io, safetensors_io
+
+    monkeypatch.setattr(direct_io, "CHUNK", direct_io.BLOCK)
+    monkeypatch.setattr(direct_io, "_local", threading.local())
+    monkeypatch.setattr(safetensors_io, "COPY_CHUNK", 1000)
+    at: list[int] = []
+
+    def plant(d: dict) -> None:
+        scale = d[f"{EXPERT}.weight_scale"].view(torch.uint8)
+        at.extend([0, 0] if where == "first" else [scale.shape[0] - 1, scale.shape[1] - 1])
+        scale[at[0], at[1]] = 0xFF  # NaN
+
+    src = _single(tmp_path, plant)
+    code, output = _invoke(["run", str(src), str(tmp_path / "dst"), "--quiet", "--workers", "1", "--io", io])
+    assert code == 1
+    assert f"block scale {at} is nan: NaN or negative" in " ".join(output.split()), output
+    assert f"{EXPERT}.weight_scale" in output
+
+
 def test_bad_tensor_names_the_tensor(tmp_path):
     src = CASES["weight without weight_scale"][0](tmp_path)
     _, output = _invoke(["run", str(src), str(tmp_path / "dst"), "--quiet"])
@@ -259,24 +285,27 @@ def test_not_enough_free_space_is_refused_before_writing(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-def test_disk_full_mid_run_fails_cleanly_and_resumes(tmp_path, monkeypatch):
-    real = os.copy_file_range
+@pytest.mark.parametrize(("io", "syscall"), [("direct", "pwrite"), ("buffered", "copy_file_range")])
+def test_disk_full_mid_run_fails_cleanly_and_resumes(tmp_path, monkeypatch, io, syscall):
+    real = getattr(os, syscall)
     calls = {"n": 0}
 
     def full_after_some(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] > 50:
+        if calls["n"] > 30:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(os, "copy_file_range", full_after_some)
+    monkeypatch.setattr(os, syscall, full_after_some)
     dst = tmp_path / "out"
-    code, output = _invoke(["run", str(REPO_FIXTURE), str(dst), "--quiet", "--shard-size", "200kB", "--workers", "1"])
+    args = ["--quiet", "--shard-size", "200kB", "--workers", "1", "--io", io]
+    code, output = _invoke(["run", str(REPO_FIXTURE), str(dst), *args])
     assert code == 1 and "No space left" in output and "--resume" in output
     assert dst_status(dst) == "unfinished"
     assert not list(dst.glob("*.partial")) and not (dst / "model.safetensors.index.json").exists()
-    monkeypatch.setattr(os, "copy_file_range", real)
-    code, output = _invoke(["run", str(REPO_FIXTURE), str(dst), "--quiet", "--shard-size", "200kB", "--resume"])
+    assert any(dst.glob("*.safetensors")), "the failure should come mid-run, after a finished shard"
+    monkeypatch.setattr(os, syscall, real)
+    code, output = _invoke(["run", str(REPO_FIXTURE), str(dst), "--resume", *args])
     assert code == 0, output
     assert dst_status(dst) == "finished"
 

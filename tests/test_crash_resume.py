@@ -17,9 +17,9 @@ from nvfp4_convert.state import dst_status
 
 DRIVER = Path(__file__).with_name("kill_driver.py")
 SHARD_BYTES = 150_000  # ~10 shards from the 1.2 MB fixture
-# Spread over the run: mid-shard tensors, after a shard is renamed but before its journal line,
-# and between the metadata files written at the end.
-POINTS = [f"tensor:{k}" for k in (1, 20, 60, 110, 160, 230, 300)] + [
+# Spread over the run (111 write steps: converted tensors and copy runs): mid-shard, after a shard
+# is renamed but before its journal line, and between the metadata files written at the end.
+POINTS = [f"tensor:{k}" for k in (1, 15, 35, 55, 75, 95, 110)] + [
     "journal:1",
     "journal:5",
     "meta:1",
@@ -75,7 +75,7 @@ def test_kill_then_resume_gives_identical_bytes(tmp_path, reference, point):
 def test_repeated_kills_on_one_destination(tmp_path, reference):
     dst = tmp_path / "out"
     assert _drive(dst, "tensor:40", False) == -9
-    for point in ("tensor:30", "journal:2", "tensor:50", "meta:2"):
+    for point in ("tensor:20", "journal:2", "tensor:10", "meta:2"):
         assert _drive(dst, point, True) == -9
         assert dst_status(dst) == "unfinished"
     assert _drive(dst, "none", True) == 0

@@ -29,6 +29,41 @@ def test_output_is_identical_for_one_and_many_workers(tmp_path, policy):
     assert (one / "config.json").read_bytes() == (many / "config.json").read_bytes()
 
 
+@pytest.mark.parametrize("policy", ["default", "fp8"])
+def test_direct_and_buffered_io_write_the_same_bytes(tmp_path, monkeypatch, policy):
+    import threading
+
+    from nvfp4_convert import direct_io
+
+    monkeypatch.setattr(direct_io, "CHUNK", 2 * direct_io.BLOCK)  # many chunks, many shared blocks
+    monkeypatch.setattr(direct_io, "_local", threading.local())
+    direct, buffered = tmp_path / "direct", tmp_path / "buffered"
+    report = run(REPO_FIXTURE, direct, Policy(policy), shard_bytes=200_000, io="direct")
+    assert report["timing"]["io"] == "direct"
+    assert run(REPO_FIXTURE, buffered, Policy(policy), shard_bytes=200_000, io="buffered")["timing"]["io"] == "buffered"
+    assert len(_shard_digests(direct)) > 3
+    assert _shard_digests(direct) == _shard_digests(buffered)
+
+
+def test_copies_back_to_back_in_the_source_form_one_run():
+    from nvfp4_convert.plan import OutputTensor
+    from nvfp4_convert.safetensors_io import TensorInfo
+
+    def out(name: str, op: str, file: str, start: int, end: int) -> OutputTensor:
+        info = TensorInfo(name, "U8", (end - start,), Path(file), start, end)
+        return OutputTensor(name, "U8", (end - start,), op, (info,))
+
+    outputs = [
+        out("a", "copy", "f", 0, 10),
+        out("b", "copy", "f", 10, 20),  # continues a
+        out("c", "copy", "f", 30, 40),  # gap in the source
+        out("d", "copy", "g", 40, 50),  # other file
+        out("e", "bf16", "g", 50, 60),  # computed: breaks the run
+        out("f", "copy", "g", 60, 70),
+    ]
+    assert [[o.name for o in run] for run in execute.copy_runs(outputs)] == [["a", "b"], ["c"], ["d"], ["f"]]
+
+
 def test_row_bands_do_not_change_the_bytes(tmp_path, monkeypatch, convert_once):
     monkeypatch.setattr(execute, "BAND_BYTES", 1)  # one 128-row band at a time
     dst = tmp_path / "out"

@@ -65,24 +65,35 @@ def test_row_bands(tmp_path):
     assert torch.equal(read_rows(info, 8, 100), x[8:])
 
 
-def test_copy_range_with_and_without_copy_file_range(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["direct", "copy_file_range", "userspace"])
+def test_copy_run_gives_the_source_bytes(tmp_path, monkeypatch, mode):
     src = tmp_path / "src.safetensors"
-    save_file({"x": torch.randn(64, 64)}, src)
-    info = read_header(src)[0]["x"]
-    for fallback in (False, True):
-        if fallback:
-            monkeypatch.setattr(
-                os, "copy_file_range", lambda *a: (_ for _ in ()).throw(OSError(errno.EXDEV, "cross-device"))
-            )
-        dst = tmp_path / f"dst{fallback}.safetensors"
-        with ShardWriter(dst, [OutEntry("y", info.dtype, info.shape)]) as w:
-            sink = w.sink("y")
-            half = info.nbytes // 2
-            sink.copy(info.file, info.start, half)
-            sink.copy(info.file, info.start + half, info.nbytes - half)
-            w.commit()
-        with safe_open(dst, "pt") as f:
-            assert torch.equal(f.get_tensor("y"), read_rows(info))
+    save_file({"a": torch.randn(3), "b": torch.randn(64, 64), "c": torch.randn(1)}, src)
+    infos = read_header(src)[0]
+    if mode == "userspace":  # a filesystem pair without copy_file_range
+        monkeypatch.setattr(os, "copy_file_range", lambda *a: (_ for _ in ()).throw(OSError(errno.EXDEV, "xdev")))
+    names = sorted(infos, key=lambda n: infos[n].start)
+    dst = tmp_path / "dst.safetensors"
+    entries = [OutEntry("head", "U8", (5,))] + [OutEntry(n, infos[n].dtype, infos[n].shape) for n in names]
+    seen = bytearray()
+    with ShardWriter(dst, entries, direct=mode == "direct") as w:
+        w.sink("head").write(b"12345")
+        w.copy_run(names, src, infos[names[0]].start, inspect=lambda offset, view: seen.extend(view))
+        w.commit()
+    with safe_open(dst, "pt") as f, safe_open(src, "pt") as g:
+        for n in names:
+            assert torch.equal(f.get_tensor(n), g.get_tensor(n))
+    first, last = infos[names[0]], infos[names[-1]]
+    assert bytes(seen) == src.read_bytes()[first.start : last.end]  # inspect saw every byte, in order
+
+
+def test_copy_run_must_be_contiguous_in_the_shard(tmp_path):
+    src = tmp_path / "src.safetensors"
+    save_file({"a": torch.randn(3), "b": torch.randn(3)}, src)
+    infos = read_header(src)[0]
+    entries = [OutEntry("a", "F32", (3,)), OutEntry("x", "F32", (1,)), OutEntry("b", "F32", (3,))]
+    with pytest.raises(ConvertError, match="not contiguous"), ShardWriter(tmp_path / "d.safetensors", entries) as w:
+        w.copy_run(["a", "b"], src, infos["a"].start)
 
 
 def test_writer_refuses_wrong_sizes_and_incomplete_shards(tmp_path):

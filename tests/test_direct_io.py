@@ -1,0 +1,93 @@
+"""Direct I/O: a file written with ``O_DIRECT`` in pieces of any size, at any offset, in any order,
+from several threads, holds exactly the bytes written; ranges read back with ``O_DIRECT`` are the
+file's bytes. The oracle is plain Python ``bytes`` slicing and buffered reads of the same file."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+
+import pytest
+
+from nvfp4_convert import direct_io
+from nvfp4_convert.direct_io import BLOCK, DirectFile, read_chunks
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """Chunks of a few blocks, so that small files cross many chunk boundaries."""
+    monkeypatch.setattr(direct_io, "CHUNK", 3 * BLOCK)
+    monkeypatch.setattr(direct_io, "_local", threading.local())  # buffers sized for the small chunk
+
+
+def _pieces(size: int, rng: random.Random) -> list[tuple[int, int]]:
+    """Cut [0, size) into pieces from 1 byte to several chunks long."""
+    cuts = sorted({0, size, *(rng.randrange(size) for _ in range(size // 500))})
+    return list(itertools.pairwise(cuts))
+
+
+@pytest.mark.parametrize("size", [1, BLOCK - 1, BLOCK, BLOCK + 1, 7 * BLOCK + 123, 40_000, 100_003])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_pieces_in_any_order_from_any_thread_give_the_exact_file(tmp_path, size, threads):
+    rng = random.Random(size * 10 + threads)
+    data = rng.randbytes(size)
+    pieces = _pieces(size, rng)
+    rng.shuffle(pieces)
+    path = tmp_path / "f.bin"
+    out = DirectFile(path, size)
+
+    def write(share: list[tuple[int, int]]) -> None:
+        for a, b in share:
+            out.pwrite(memoryview(data)[a:b], a)
+
+    workers = [threading.Thread(target=write, args=(pieces[i::threads],)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    out.finish()
+    out.close()
+    assert path.read_bytes() == data
+
+
+def test_finish_refuses_a_file_with_a_hole(tmp_path):
+    out = DirectFile(tmp_path / "f.bin", 3 * BLOCK)
+    out.pwrite(memoryview(bytes(BLOCK + 10)), 0)
+    out.pwrite(memoryview(bytes(BLOCK)), 2 * BLOCK)
+    with pytest.raises(OSError, match=f"block at byte {BLOCK} incomplete"):
+        out.finish()
+    out.close()
+
+
+def test_writes_past_the_end_are_refused(tmp_path):
+    out = DirectFile(tmp_path / "f.bin", 10)
+    with pytest.raises(ValueError, match="past the end"):
+        out.pwrite(memoryview(bytes(11)), 0)
+    out.close()
+
+
+@pytest.mark.parametrize(("start", "nbytes"), [(0, 0), (0, 1), (5, BLOCK), (BLOCK - 1, 2), (123, 50_000), (0, 60_001)])
+def test_read_chunks_give_the_files_bytes_in_order(tmp_path, start, nbytes):
+    data = random.Random(1).randbytes(60_001)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    got = bytearray()
+    for offset, view in read_chunks(path, start, nbytes):
+        assert offset == start + len(got)
+        got += view
+    assert bytes(got) == data[start : start + nbytes]
+
+
+def test_reading_past_the_end_of_the_file_fails(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(100))
+    with pytest.raises(OSError, match="ended at byte 100"):
+        list(read_chunks(path, 50, 100))
+
+
+def test_this_filesystem_is_probed_without_leaving_anything(tmp_path):
+    sample = tmp_path / "s.bin"
+    sample.write_bytes(bytes(10))
+    assert direct_io.supported(tmp_path, sample) is True  # ext4 here; tmpfs also accepts O_DIRECT
+    assert [p.name for p in tmp_path.iterdir()] == ["s.bin"]
