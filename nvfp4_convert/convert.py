@@ -127,8 +127,8 @@ def run(
     done_bytes = _already_written(dst, plan) if resume else 0
     check_destination(src, dst, resume=resume, needed_bytes=plan.output_bytes - done_bytes)
     dst.mkdir(parents=True, exist_ok=True)
-    direct = use_direct_io(io, dst, plan)
     with RunState(dst, plan_fingerprint(plan), resume=resume) as state:
+        direct = use_direct_io(io, dst / STATE_DIR, plan)  # probed inside the state dir: no stray file
         for stale in dst.glob("*.partial"):  # left by a killed run; never part of a finished shard
             stale.unlink()
         finished = state.finished()
@@ -173,16 +173,16 @@ def run(
 IO_MODES = ("auto", "direct", "buffered")
 
 
-def use_direct_io(io: str, dst: Path, plan: Plan) -> bool:
-    """Resolve ``io`` (see ``run``) for DST and one file of each directory copies read from."""
+def use_direct_io(io: str, directory: Path, plan: Plan) -> bool:
+    """Resolve ``io`` (see ``run``) for a directory of DST and one file of each directory copies read from."""
     if io not in IO_MODES:
         raise ConvertError(f"unknown I/O mode {io!r} (one of {', '.join(IO_MODES)})")
     if io == "buffered":
         return False
     samples = {o.sources[0].file.parent: o.sources[0].file for o in plan.outputs if o.op == "copy"}
-    ok = all(direct_io.supported(dst, f) for f in samples.values()) if samples else direct_io.supported(dst)
+    ok = all(direct_io.supported(directory, f) for f in samples.values()) if samples else direct_io.supported(directory)
     if io == "direct" and not ok:
-        raise ConvertError("the filesystem refuses O_DIRECT; use --io buffered", file=dst)
+        raise ConvertError("the filesystem refuses O_DIRECT; use --io buffered", file=directory.parent)
     return ok
 
 

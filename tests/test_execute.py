@@ -102,3 +102,24 @@ def test_block_scale_check_on_raw_bytes_agrees_with_torch_on_all_256_codes():
                 execute.check_block_scales(ws, info)
         else:
             execute.check_block_scales(ws, info)
+
+
+def test_where_o_direct_is_refused_auto_falls_back_and_direct_says_so(tmp_path, monkeypatch, convert_once):
+    import os
+
+    from nvfp4_convert.errors import ConvertError
+
+    real_open = os.open
+
+    def no_direct(path, flags, *args, **kwargs):  # a filesystem without O_DIRECT (EINVAL, as Linux says)
+        if flags & os.O_DIRECT:
+            raise OSError(22, "Invalid argument")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    report = run(REPO_FIXTURE, tmp_path / "auto", Policy(), io="auto")
+    assert report["timing"]["io"] == "buffered"
+    assert _shard_digests(tmp_path / "auto") == _shard_digests(convert_once(REPO_FIXTURE))
+    with pytest.raises(ConvertError, match="refuses O_DIRECT; use --io buffered"):
+        run(REPO_FIXTURE, tmp_path / "direct", Policy(), io="direct")
+    assert not list((tmp_path / "direct").glob("*.safetensors"))
