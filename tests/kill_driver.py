@@ -1,6 +1,6 @@
 """Run a conversion in this process and SIGKILL it at a chosen point (used by test_crash_resume).
 
-usage: python kill_driver.py SRC DST SHARD_BYTES POINT RESUME
+usage: python kill_driver.py SRC DST SHARD_BYTES POINT RESUME [IO]
 POINT is ``tensor:K`` (before the K-th converted tensor or copy run is written), ``journal:K`` (after the K-th
 shard was renamed into place, before its journal line), ``meta:K`` (before the K-th metadata file
 is written), or ``none``. The kill is a real SIGKILL: no cleanup, no finally blocks.
@@ -38,6 +38,7 @@ def _arm(targets: list[tuple[object, str]], k: int) -> None:
 
 def main() -> None:
     src, dst, shard_bytes, point, resume = sys.argv[1:6]
+    io = sys.argv[6] if len(sys.argv) > 6 else "auto"
     if point != "none":
         kind, k = point.split(":")
         targets = {
@@ -46,7 +47,7 @@ def main() -> None:
             "meta": [(convert, "write_file_atomic")],
         }
         _arm(targets[kind], int(k))
-    convert.run(Path(src), Path(dst), Policy(), workers=1, shard_bytes=int(shard_bytes), resume=resume == "1")
+    convert.run(Path(src), Path(dst), Policy(), workers=1, shard_bytes=int(shard_bytes), resume=resume == "1", io=io)
 
 
 if __name__ == "__main__":
