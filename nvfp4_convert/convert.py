@@ -124,11 +124,22 @@ def run(
         src, policy, shard_bytes=shard_bytes, pass_unknown=pass_unknown, attention_from=attention_from
     )
     plan = prep.plan
+    if io not in IO_MODES:
+        raise ConvertError(f"unknown I/O mode {io!r} (one of {', '.join(IO_MODES)})")
     done_bytes = _already_written(dst, plan) if resume else 0
     check_destination(src, dst, resume=resume, needed_bytes=plan.output_bytes - done_bytes)
+    new_dst = not dst.exists()
+    fresh = dst_status(dst) in ("missing", "empty")
     dst.mkdir(parents=True, exist_ok=True)
     with RunState(dst, plan_fingerprint(plan), resume=resume) as state:
-        direct = use_direct_io(io, dst / STATE_DIR, plan)  # probed inside the state dir: no stray file
+        try:
+            direct = use_direct_io(io, dst / STATE_DIR, plan)  # probed inside the state dir: no stray file
+        except ConvertError:
+            if fresh:  # nothing was written yet: leave DST as it was, not "unfinished"
+                state.remove()
+                if new_dst:
+                    dst.rmdir()
+            raise
         for stale in dst.glob("*.partial"):  # left by a killed run; never part of a finished shard
             stale.unlink()
         finished = state.finished()
@@ -175,8 +186,6 @@ IO_MODES = ("auto", "direct", "buffered")
 
 def use_direct_io(io: str, directory: Path, plan: Plan) -> bool:
     """Resolve ``io`` (see ``run``) for a directory of DST and one file of each directory copies read from."""
-    if io not in IO_MODES:
-        raise ConvertError(f"unknown I/O mode {io!r} (one of {', '.join(IO_MODES)})")
     if io == "buffered":
         return False
     samples = {o.sources[0].file.parent: o.sources[0].file for o in plan.outputs if o.op == "copy"}

@@ -17,7 +17,7 @@ Contract:
 - ``read_chunks(path, start, nbytes)`` yields ``(offset, view)`` pieces covering
   ``[start, start + nbytes)`` of a file, read with ``O_DIRECT`` in aligned chunks of ``CHUNK``
   into a reusable page-aligned buffer of the calling thread. A view is valid only until the next
-  one is produced.
+  one is produced, and a thread reads one range at a time.
 - ``supported(directory, sample)`` tells whether both filesystems accept ``O_DIRECT``.
 
 Memory: one read buffer and one staging buffer of ``CHUNK`` bytes per thread that uses them, plus
@@ -65,6 +65,7 @@ class DirectFile:
         self.size = size
         self._partial: dict[int, tuple[bytearray, int]] = {}  # block -> (bytes, bytes filled)
         self._lock = threading.Lock()
+        self._written = 0  # bytes handed to pwrite (each byte exactly once): must reach ``size``
         self._block = memoryview(mmap.mmap(-1, BLOCK))  # aligned copy of one assembled block
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
 
@@ -73,6 +74,8 @@ class DirectFile:
         end = offset + len(data)
         if end > self.size:
             raise ValueError(f"write of [{offset}, {end}) past the end of a {self.size}-byte file")
+        with self._lock:
+            self._written += len(data)
         lo, hi = -(-offset // BLOCK) * BLOCK, end // BLOCK * BLOCK
         if lo >= hi:
             self._merge(data, offset)
@@ -105,10 +108,12 @@ class DirectFile:
                 _write_all(self.fd, self._block, b0)
 
     def finish(self) -> None:
-        """All blocks written: trim the padding of the last one and fsync."""
+        """All bytes written: trim the padding of the last block and fsync."""
         if self._partial:
             block = min(self._partial)
             raise OSError(errno.EIO, f"block at byte {block * BLOCK} incomplete ({len(self._partial)} blocks)")
+        if self._written != self.size:
+            raise OSError(errno.EIO, f"{self._written} of {self.size} bytes written")
         if self.size % BLOCK:
             os.ftruncate(self.fd, self.size)
         os.fsync(self.fd)
@@ -120,9 +125,13 @@ class DirectFile:
 
 
 def read_chunks(path: Path, start: int, nbytes: int) -> Iterator[tuple[int, memoryview]]:
-    """``(offset, view)`` pieces of ``[start, start + nbytes)`` of ``path``, read with ``O_DIRECT``."""
+    """``(offset, view)`` pieces of ``[start, start + nbytes)`` of ``path``, read with ``O_DIRECT``
+    (one such read at a time per thread: they share the thread's buffer)."""
+    if getattr(_local, "reading", False):
+        raise RuntimeError("read_chunks: another read of this thread is still open")
     buf = _thread_buffer("read")
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    _local.reading = True
     try:
         pos, end = start, start + nbytes
         while pos < end:
@@ -135,6 +144,7 @@ def read_chunks(path: Path, start: int, nbytes: int) -> Iterator[tuple[int, memo
             yield pos, buf[pos - a0 : pos - a0 + n]
             pos += n
     finally:
+        _local.reading = False
         os.close(fd)
 
 

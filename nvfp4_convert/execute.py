@@ -182,9 +182,9 @@ def copy_run(run: list[OutputTensor], writer: ShardWriter, progress: Progress | 
         if progress:
             progress(nbytes, done[1] - tensors)
 
-    writer.copy_run(
-        [o.name for o in run], sources[0].file, sources[0].start, inspect=ScaleCheck(sources), progress=advance
-    )
+    check = ScaleCheck(sources)
+    inspect = check if check.scales else None
+    writer.copy_run([o.name for o in run], sources[0].file, sources[0].start, inspect=inspect, progress=advance)
     if progress and done[1] < len(run):  # zero-byte tensors at the end of the run
         progress(0, len(run) - done[1])
 

@@ -286,7 +286,10 @@ class ShardWriter:
             for pos in range(start, start + nbytes, COPY_CHUNK):
                 n = min(COPY_CHUNK, start + nbytes - pos)
                 if inspect:
-                    _inspect_mapped(fin.fileno(), pos, n, inspect)
+                    try:
+                        _inspect_mapped(fin.fileno(), pos, n, inspect)
+                    except ValueError as e:  # mmap of a range the file no longer has
+                        raise ConvertError(f"source changed during the run: {e}", file=src) from e
                 copy_file_range(fin.fileno(), self.fd, pos, n, pos + shift)
                 if progress:
                     progress(n)

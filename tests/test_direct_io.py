@@ -21,19 +21,29 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(direct_io, "_local", threading.local())  # buffers sized for the small chunk
 
 
-def _pieces(size: int, rng: random.Random) -> list[tuple[int, int]]:
-    """Cut [0, size) into pieces from 1 byte to several chunks long."""
-    cuts = sorted({0, size, *(rng.randrange(size) for _ in range(size // 500))})
-    return list(itertools.pairwise(cuts))
+def _pieces(size: int, rng: random.Random, cuts: int) -> list[tuple[int, int]]:
+    """Cut [0, size) at ``cuts`` random points: few cuts give pieces of several chunks, many give
+    pieces of a few bytes to a few blocks."""
+    points = sorted({0, size, *(rng.randrange(size) for _ in range(cuts))})
+    return list(itertools.pairwise(points))
 
 
 @pytest.mark.parametrize("size", [1, BLOCK - 1, BLOCK, BLOCK + 1, 7 * BLOCK + 123, 40_000, 100_003])
 @pytest.mark.parametrize("threads", [1, 3])
-def test_pieces_in_any_order_from_any_thread_give_the_exact_file(tmp_path, size, threads):
+@pytest.mark.parametrize("cuts", ["few", "many"])
+def test_pieces_in_any_order_from_any_thread_give_the_exact_file(tmp_path, monkeypatch, size, threads, cuts):
     rng = random.Random(size * 10 + threads)
     data = rng.randbytes(size)
-    pieces = _pieces(size, rng)
+    pieces = _pieces(size, rng, 3 if cuts == "few" else size // 500)
     rng.shuffle(pieces)
+    whole_blocks = []
+    real_write_all = direct_io._write_all
+
+    def write_all(fd: int, view: memoryview, offset: int) -> None:
+        whole_blocks.append(len(view))
+        real_write_all(fd, view, offset)
+
+    monkeypatch.setattr(direct_io, "_write_all", write_all)
     path = tmp_path / "f.bin"
     out = DirectFile(path, size)
 
@@ -49,6 +59,8 @@ def test_pieces_in_any_order_from_any_thread_give_the_exact_file(tmp_path, size,
     out.finish()
     out.close()
     assert path.read_bytes() == data
+    if cuts == "few" and size > 40 * BLOCK // 4:  # large pieces went out in chunk-sized requests
+        assert max(whole_blocks) == direct_io.CHUNK
 
 
 def test_finish_refuses_a_file_with_a_hole(tmp_path):
@@ -58,6 +70,26 @@ def test_finish_refuses_a_file_with_a_hole(tmp_path):
     with pytest.raises(OSError, match=f"block at byte {BLOCK} incomplete"):
         out.finish()
     out.close()
+
+
+def test_finish_refuses_a_file_with_a_block_never_written(tmp_path):
+    out = DirectFile(tmp_path / "f.bin", 3 * BLOCK + 10)
+    out.pwrite(memoryview(bytes(BLOCK)), 0)
+    out.pwrite(memoryview(bytes(BLOCK + 10)), 2 * BLOCK)
+    with pytest.raises(OSError, match=f"{2 * BLOCK + 10} of {3 * BLOCK + 10} bytes written"):
+        out.finish()
+    out.close()
+
+
+def test_one_read_at_a_time_per_thread(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(3 * BLOCK))
+    first = read_chunks(path, 0, 3 * BLOCK)
+    next(first)
+    with pytest.raises(RuntimeError, match="still open"):
+        next(read_chunks(path, 0, 10))
+    first.close()
+    assert len(b"".join(bytes(v) for _, v in read_chunks(path, 0, 10))) == 10
 
 
 def test_writes_past_the_end_are_refused(tmp_path):

@@ -12,6 +12,7 @@ from conftest import REPO_FIXTURE
 import nvfp4_convert.execute as execute
 from nvfp4_convert.convert import run
 from nvfp4_convert.policy import Policy
+from nvfp4_convert.state import dst_status
 
 
 def _shard_digests(dst: Path) -> dict[str, str]:
@@ -122,4 +123,29 @@ def test_where_o_direct_is_refused_auto_falls_back_and_direct_says_so(tmp_path, 
     assert _shard_digests(tmp_path / "auto") == _shard_digests(convert_once(REPO_FIXTURE))
     with pytest.raises(ConvertError, match="refuses O_DIRECT; use --io buffered"):
         run(REPO_FIXTURE, tmp_path / "direct", Policy(), io="direct")
-    assert not list((tmp_path / "direct").glob("*.safetensors"))
+    assert dst_status(tmp_path / "direct") == "missing"  # as it was: the advice can be followed
+    assert run(REPO_FIXTURE, tmp_path / "direct", Policy(), io="buffered")["timing"]["io"] == "buffered"
+
+
+def test_an_unknown_io_mode_is_refused_before_dst_is_touched(tmp_path):
+    from nvfp4_convert.errors import ConvertError
+
+    with pytest.raises(ConvertError, match="unknown I/O mode 'drect'"):
+        run(REPO_FIXTURE, tmp_path / "out", Policy(), io="drect")
+    assert dst_status(tmp_path / "out") == "missing"
+
+
+@pytest.mark.parametrize("bad", [0, 1, 37, 255])
+def test_scale_check_finds_a_bad_code_wherever_the_chunks_split_the_tensor(bad):
+    from nvfp4_convert.errors import ConvertError
+    from nvfp4_convert.safetensors_io import TensorInfo
+
+    other = TensorInfo("x.weight", "U8", (7, 3), Path("f"), 100, 121)  # not a scale: never checked
+    scale = TensorInfo("x.weight_scale", "F8_E4M3", (16, 16), Path("f"), 121, 377)
+    data = bytearray(b"\xff" * 121 + b"\x38" * 256 + b"\xff" * 10)  # 0x38 = 1.0; 0xFF = NaN elsewhere
+    data[121 + bad] = 0xFF
+    check = execute.ScaleCheck([other, scale])
+    for split in range(0, len(data) + 1, 7):
+        with pytest.raises(ConvertError, match=rf"block scale \[{bad // 16}, {bad % 16}\] is nan"):
+            for lo, hi in ((0, split), (split, len(data))):
+                check(lo, memoryview(data)[lo:hi])
