@@ -3,6 +3,7 @@
 Modules, one concern each (read them in this order):
 
 - ``errors``          the one exception type, naming file and tensor
+- ``direct_io``       O_DIRECT file I/O: write-once files assembled from any-size writes, aligned reads
 - ``safetensors_io``  streaming safetensors: header parsing/validation, tensor views, shard writer
 - ``checkpoint``      a source checkpoint on disk: index/shards, config, other files
 - ``naming``          transformers <-> native DeepSeek names
@@ -11,9 +12,14 @@ Modules, one concern each (read them in this order):
 - ``policy``          precision presets: which output format each module gets
 - ``plan``            the full list of output tensors, their producers, shards, drops, ignored_layers
 - ``execute``         runs a plan: streams tensors into atomically written shards
+- ``state``           DST's lock, journal and plan fingerprint (resume), and its status
+- ``convert``         the whole run in order: prepare, check DST, write shards, then metadata
+- ``graft``           --attention-from: non-expert linears from a BF16/FP8 reference
 - ``config_emit``     config.json / hf_quant_config.json for stock vLLM
 - ``report``          JSON + human summary of what happened to every input tensor
 - ``inspect``         what a checkpoint (source or converted) contains
+- ``verify``          checks a converted checkpoint against the contract, its source, a reference
+- ``probe``           asks a served model a few questions: coherent or garbage?
 - ``cli``             the Typer/Rich command line (thin)
 """
 

@@ -189,10 +189,11 @@ def use_direct_io(io: str, directory: Path, plan: Plan) -> bool:
     if io == "buffered":
         return False
     samples = {o.sources[0].file.parent: o.sources[0].file for o in plan.outputs if o.op == "copy"}
-    ok = all(direct_io.supported(directory, f) for f in samples.values()) if samples else direct_io.supported(directory)
-    if io == "direct" and not ok:
-        raise ConvertError("the filesystem refuses O_DIRECT; use --io buffered", file=directory.parent)
-    return ok
+    refusals = [direct_io.refusal(directory, f) for f in samples.values()] or [direct_io.refusal(directory)]
+    why = next((r for r in refusals if r), None)
+    if io == "direct" and why:
+        raise ConvertError(f"O_DIRECT refused ({why}); use --io buffered", file=directory.parent)
+    return why is None
 
 
 def _already_written(dst: Path, plan: Plan) -> int:

@@ -18,7 +18,7 @@ Contract:
   ``[start, start + nbytes)`` of a file, read with ``O_DIRECT`` in aligned chunks of ``CHUNK``
   into a reusable page-aligned buffer of the calling thread. A view is valid only until the next
   one is produced, and a thread reads one range at a time.
-- ``supported(directory, sample)`` tells whether both filesystems accept ``O_DIRECT``.
+- ``refusal(directory, sample)`` says why a filesystem refuses ``O_DIRECT`` (None: it accepts it).
 
 Memory: one read buffer and one staging buffer of ``CHUNK`` bytes per thread that uses them, plus
 one ``BLOCK`` per incomplete block.
@@ -148,8 +148,9 @@ def read_chunks(path: Path, start: int, nbytes: int) -> Iterator[tuple[int, memo
         os.close(fd)
 
 
-def supported(directory: Path, sample: Path | None = None) -> bool:
-    """Whether files in ``directory`` (and ``sample``, a file to read) accept ``O_DIRECT``."""
+def refusal(directory: Path, sample: Path | None = None) -> str | None:
+    """Why files in ``directory`` (or ``sample``, a file to read) refuse ``O_DIRECT``; None if they
+    accept it (a block written, padded and trimmed, and one read)."""
     probe = directory / ".nvfp4-convert-direct-probe"
     try:
         out = DirectFile(probe, BLOCK + 1)
@@ -161,8 +162,8 @@ def supported(directory: Path, sample: Path | None = None) -> bool:
         if sample is not None:
             for _ in read_chunks(sample, 0, min(BLOCK, sample.stat().st_size)):
                 pass
-        return True
-    except OSError:
-        return False
+        return None
+    except OSError as e:
+        return f"{e.filename or sample or directory}: {e.strerror or e}"
     finally:
         probe.unlink(missing_ok=True)
