@@ -123,3 +123,16 @@ def test_this_filesystem_is_probed_without_leaving_anything(tmp_path):
     sample.write_bytes(bytes(10))
     assert direct_io.refusal(tmp_path, sample) is None  # ext4 here; tmpfs also accepts O_DIRECT
     assert [p.name for p in tmp_path.iterdir()] == ["s.bin"]
+
+
+def test_a_filesystem_that_opens_but_refuses_direct_writes_is_refused_and_cleaned(tmp_path, monkeypatch):
+    """tmpfs before Linux 6.6 (and some FUSE filesystems) create the file and then fail the write."""
+    import errno
+    import os
+
+    def einval(*args: object) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "pwrite", einval)
+    assert direct_io.refusal(tmp_path) == f"{tmp_path}: Invalid argument"
+    assert list(tmp_path.iterdir()) == []
