@@ -128,16 +128,15 @@ def run(
         raise ConvertError(f"unknown I/O mode {io!r} (one of {', '.join(IO_MODES)})")
     done_bytes = _already_written(dst, plan) if resume else 0
     check_destination(src, dst, resume=resume, needed_bytes=plan.output_bytes - done_bytes)
-    new_dst = not dst.exists()
-    fresh = dst_status(dst) in ("missing", "empty")
+    status = dst_status(dst)  # before mkdir: a refused --io leaves DST as it was
     dst.mkdir(parents=True, exist_ok=True)
     with RunState(dst, plan_fingerprint(plan), resume=resume) as state:
         try:
             direct = use_direct_io(io, dst / STATE_DIR, plan)  # probed inside the state dir: no stray file
         except ConvertError:
-            if fresh:  # nothing was written yet: leave DST as it was, not "unfinished"
+            if status in ("missing", "empty"):  # nothing was written yet: not "unfinished"
                 state.remove()
-                if new_dst:
+                if status == "missing":
                     dst.rmdir()
             raise
         for stale in dst.glob("*.partial"):  # left by a killed run; never part of a finished shard
