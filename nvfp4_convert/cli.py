@@ -34,6 +34,9 @@ from .execute import default_workers
 from .inspect import inspect_checkpoint
 from .plan import DEFAULT_SHARD_BYTES, Plan
 from .policy import Policy
+from .preflight.check import Options as PreflightOptions
+from .preflight.check import Unavailable, preflight
+from .preflight.faults import FAULTS
 from .probe import probe_cmd
 from .report import summary_tables
 from .verify import Thresholds, verify
@@ -329,6 +332,90 @@ def demo_cmd(
 
 
 app.command("probe")(probe_cmd)
+
+
+@app.command("preflight")
+def preflight_cmd(
+    policy: PolicyOpt = "default",
+    experts: ExpertsOpt = "nvfp4",
+    device: Annotated[str, typer.Option("--device", help="auto | cuda | cpu (vLLM's CPU build)")] = "auto",
+    python: Annotated[str, typer.Option("--python", help="the interpreter that has vLLM")] = sys.executable,
+    tensor_parallel_size: Annotated[int, typer.Option("--tensor-parallel-size", min=1)] = 1,
+    enable_expert_parallel: Annotated[bool, typer.Option("--enable-expert-parallel")] = False,
+    planted_fault: Annotated[
+        str | None, typer.Option("--planted-fault", help=f"plant one fault to see a FAIL: {', '.join(FAULTS)}")
+    ] = None,
+    max_num_seqs: Annotated[int, typer.Option("--max-num-seqs", min=1, help="vLLM's batch of sequences")] = 8,
+    cuda_graphs: Annotated[
+        bool, typer.Option("--cuda-graphs", help="compile and capture CUDA graphs as a server does (slower start)")
+    ] = False,
+    workdir: Annotated[
+        Path | None, typer.Option("--workdir", help="keep the model, vLLM's log and results here")
+    ] = None,
+    json_path: JsonOpt = None,
+) -> None:
+    """Before converting: does the vLLM installed here compute this format correctly on this hardware?
+
+    Builds a tiny random DeepSeek-V4 in ModelOpt's NVFP4 format, converts it, runs stock vLLM on it and scores
+    vLLM's greedy decode against transformers in float32 on the same weights. Exit 0 PASS, 1 FAIL, 2 cannot run.
+    """
+    if device not in ("auto", "cuda", "cpu"):
+        console.print(f"[bold red]error:[/] unknown device {device!r} (auto, cuda or cpu)")
+        raise typer.Exit(2)
+    opts = PreflightOptions(
+        policy=policy,
+        experts=experts,
+        device=device,
+        python=python,
+        tensor_parallel_size=tensor_parallel_size,
+        enable_expert_parallel=enable_expert_parallel,
+        planted_fault=planted_fault,
+        max_num_seqs=max_num_seqs,
+        cuda_graphs=cuda_graphs,
+        workdir=workdir,
+    )
+    try:
+        result = preflight(opts, say=lambda m: console.print(m, highlight=False))
+    except Unavailable as e:
+        console.print(f"[bold red]cannot run:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except (ConvertError, ValueError) as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    _print_preflight(result)
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=2))
+    if result["verdict"] != "PASS":
+        raise typer.Exit(1)
+
+
+def _print_preflight(r: dict) -> None:
+    env = r["environment"]
+    table = Table(
+        title=f"preflight: vLLM {env['vllm']} on {env['gpu'] or 'CPU'}, policy {r['policy']}, experts {r['experts']}"
+    )
+    table.add_column("pass")
+    table.add_column("greedy steps agreeing", justify="right")
+    table.add_column("per prompt")
+    table.add_column("median |dlogp|", justify="right")
+    table.add_column("max |dlogp|", justify="right")
+    table.add_column("counts")
+    for name in ("decode", "prefill"):
+        a = r[name]
+        table.add_row(
+            name,
+            f"{a['matches']}/{a['steps']}",
+            str(a["per_prompt"]),
+            f"{a['median_abs_dlogp']:.4f}",
+            f"{a['max_abs_dlogp']:.4f}",
+            "verdict" if name == "decode" else "reported",
+        )
+    out.print(table)
+    for line in r["backends"][:12]:
+        out.print(f"  [dim]{line}[/]", highlight=False)
+    fault = f" (planted fault {r['planted_fault']})" if r["planted_fault"] else ""
+    colour = "green" if r["verdict"] == "PASS" else "red"
+    out.print(f"verdict: [bold {colour}]{r['verdict']}[/]{fault}")
 
 
 @app.callback(invoke_without_command=True)

@@ -8,6 +8,10 @@
   vLLM's ``per_block_cast_to_fp8(x, [128, 128], use_ue8m0=True)``; scales returned as float32 and
   stored as ``float8_e8m0fnu`` (exact, being powers of two).
 - ``fold_global_scales``: give gate and up of one expert one global scale (trap 6).
+- ``quantize_nvfp4``: float32 to ModelOpt's NVFP4 form (the inverse of ``dequantize_nvfp4``, ModelOpt's
+  recipe: ``weight_scale_2 = amax / (6 * 448)``, block scale ``e4m3(block_amax / (6 * weight_scale_2))``,
+  codes rounded to the nearest E2M1 value). Used to build test and preflight sources, never on a
+  checkpoint being converted.
 
 Row-band processing: each function works on any band of whole rows (FP8: multiples of 128 rows),
 so callers can stream large tensors in bounded memory.
@@ -114,3 +118,28 @@ def fold_global_scales(
     if g < u:
         return rescale(ws_gate, g), big.reshape(ws2_gate.shape), ws_up, ws2_up
     return ws_gate, ws2_gate, rescale(ws_up, u), big.reshape(ws2_up.shape)
+
+
+# Midpoints between consecutive E2M1 magnitudes (0, 0.5, 1, 1.5, 2, 3, 4, 6): a magnitude's nearest code.
+_E2M1_MIDPOINTS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=torch.float32)
+FP4_MAX = 6.0
+
+
+def quantize_nvfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 [rows, cols] -> (uint8 [rows, cols/2], float8_e4m3fn [rows, cols/16], float32 scalar).
+
+    ModelOpt's NVFP4 weight recipe; ``dequantize_nvfp4`` of the result is within one E2M1 step of ``w``.
+    """
+    w = w.to(torch.float32)
+    rows, cols = w.shape
+    if cols % FP4_BLOCK:
+        raise ValueError(f"NVFP4 needs a multiple of {FP4_BLOCK} columns, got {cols}")
+    amax = float(w.abs().max())
+    ws2 = torch.tensor(amax / (FP4_MAX * E4M3_MAX) if amax > 0 else 1.0, dtype=torch.float32)
+    blocks = w.view(rows, cols // FP4_BLOCK, FP4_BLOCK)
+    ws = (blocks.abs().amax(-1) / (FP4_MAX * ws2)).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
+    denom = ws.to(torch.float32) * ws2
+    scaled = blocks / torch.where(denom > 0, denom, torch.ones_like(denom)).unsqueeze(-1)
+    codes = torch.bucketize(scaled.abs(), _E2M1_MIDPOINTS).to(torch.uint8) | ((scaled < 0).to(torch.uint8) << 3)
+    codes = codes.view(rows, cols)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4), ws, ws2

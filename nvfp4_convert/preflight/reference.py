@@ -1,0 +1,169 @@
+"""The float32 reference and the agreement score (tiny checkpoints only: everything is read whole).
+
+- ``dequantized_state_dict``: a checkpoint's tensors as transformers' ``DeepseekV4ForCausalLM`` holds them in
+  float32: NVFP4 and block-FP8 linears decoded (``codecs``), ``input_scale`` dropped (an activation scale),
+  routed experts fused into ``gate_up_proj`` / ``down_proj``.
+- ``transformers_model``: that model of a source's ``config.json`` holding a state dict (strict).
+- ``score_decode``: teacher-force the reference on vLLM's greedy tokens: does it pick the same token at every
+  step, and how far is its logprob of vLLM's token? ``score_prefill`` does the same for the per-position
+  top-1 and logprob vLLM computed in one prefill (``prompt_logprobs``) of prompt + generated tokens.
+- ``Agreement.ok``: at least 7/8 of the steps agree (42 of 48) and the median |delta logprob| < 0.05.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..codecs import dequantize_fp8_block, dequantize_nvfp4
+
+Tensors = dict[str, torch.Tensor]
+
+MIN_AGREEING_FRACTION = 42 / 48
+MAX_MEDIAN_ABS_DLOGP = 0.05
+
+
+def load_tensors(path: Path) -> Tensors:
+    """Every tensor of a (tiny) checkpoint directory, read with safetensors."""
+    from safetensors import safe_open
+
+    out: Tensors = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, "pt") as sf:
+            for k in sf.keys():  # noqa: SIM118 - safe_open is not a mapping
+                out[k] = sf.get_tensor(k)
+    return out
+
+
+def dequantized_state_dict(tensors: Tensors) -> Tensors:
+    """float32 weights by transformers name, experts fused as transformers holds them.
+
+    A linear may be stored NVFP4 (``weight_scale``, ``weight_scale_2``; ``input_scale`` is an activation scale and
+    is dropped), FP8 with a block ``scale``, or plain; other tensors are cast to float32 (integers kept).
+    """
+    sd: Tensors = {}
+    for name, t in tensors.items():
+        if name.endswith((".weight_scale", ".weight_scale_2", ".input_scale")):
+            continue  # consumed with their weight
+        if name.endswith(".scale") and f"{name.removesuffix('.scale')}.weight" in tensors:
+            continue  # an FP8 block scale (not attn_hc.scale and the like, which have no weight beside them)
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and f"{module}.weight_scale" in tensors:
+            sd[name] = dequantize_nvfp4(t, tensors[f"{module}.weight_scale"], tensors[f"{module}.weight_scale_2"])
+        elif name.endswith(".weight") and f"{module}.scale" in tensors:
+            sd[name] = dequantize_fp8_block(t, tensors[f"{module}.scale"])
+        else:
+            sd[name] = t.float() if t.is_floating_point() else t
+    experts: dict[str, dict[tuple[int, str], torch.Tensor]] = {}
+    for name in list(sd):
+        m = re.match(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$", name)
+        if m:
+            experts.setdefault(m[1], {})[(int(m[2]), m[3])] = sd.pop(name)
+    for prefix, d in experts.items():
+        n = 1 + max(e for e, _ in d)
+        sd[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([d[(e, "gate")], d[(e, "up")]]) for e in range(n)])
+        sd[f"{prefix}.down_proj"] = torch.stack([d[(e, "down")] for e in range(n)])
+    return sd
+
+
+def transformers_model(state_dict: Tensors, config_json: Path):
+    """transformers' ``DeepseekV4ForCausalLM`` of ``config_json`` in float32 holding ``state_dict`` (strict)."""
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+    cfg = json.loads(config_json.read_text())
+    cfg.pop("quantization_config", None)
+    model = DeepseekV4ForCausalLM._from_config(DeepseekV4Config.from_dict(cfg), dtype=torch.float32)
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
+
+
+def source_model(src: Path):
+    """The reference for a ModelOpt source: the weights its fake-quantized model had, in float32."""
+    return transformers_model(dequantized_state_dict(load_tensors(src)), src / "config.json")
+
+
+@torch.no_grad()
+def greedy_generations(model, prompts: list[list[int]], max_tokens: int) -> list[dict]:
+    """What the vLLM worker returns, from a transformers model: greedy tokens and their logprobs."""
+    generations = []
+    for prompt in prompts:
+        ids, logprobs = list(prompt), []
+        for _ in range(max_tokens):
+            logp = model(input_ids=torch.tensor([ids])).logits[0, -1].float().log_softmax(-1)
+            token = int(logp.argmax())
+            ids.append(token)
+            logprobs.append(float(logp[token]))
+        generations.append({"tokens": ids[len(prompt) :], "logprobs": logprobs})
+    return generations
+
+
+@dataclass
+class Agreement:
+    matches: int
+    steps: int
+    median_abs_dlogp: float
+    max_abs_dlogp: float
+    per_prompt: list[int]
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.steps > 0
+            and self.matches >= MIN_AGREEING_FRACTION * self.steps
+            and self.median_abs_dlogp < MAX_MEDIAN_ABS_DLOGP  # False for NaN
+        )
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+    def __str__(self) -> str:
+        return (
+            f"{self.matches}/{self.steps} greedy steps agree (per prompt {self.per_prompt}), "
+            f"median |delta logprob| {self.median_abs_dlogp:.4f}"
+        )
+
+
+def _teacher_forced(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """The reference's log-probabilities at the steps that produced ``tokens`` after ``prompt``."""
+    logp = model(input_ids=torch.tensor([prompt + tokens])).logits[0].float().log_softmax(-1)
+    return logp[len(prompt) - 1 : len(prompt) - 1 + len(tokens)]
+
+
+def _agreement(rows: list[tuple[torch.Tensor, list[int], list[int], list[float]]]) -> Agreement:
+    """rows: (reference log-probs per step, vLLM's top-1 per step, vLLM's tokens, vLLM's logprob of them)."""
+    matches, deltas, per_prompt = 0, [], []
+    for steps, top1, tokens, logprobs in rows:
+        ok = int((steps.argmax(-1) == torch.tensor(top1)).sum())
+        matches += ok
+        per_prompt.append(ok)
+        ref_lp = steps.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+        deltas += (ref_lp - torch.tensor(logprobs, dtype=torch.float32)).abs().tolist()
+    if not deltas:
+        return Agreement(0, 0, float("nan"), float("nan"), per_prompt)
+    median = float("nan") if any(d != d for d in deltas) else statistics.median(deltas)
+    return Agreement(matches, len(deltas), median, max(deltas, key=lambda d: (d != d, d)), per_prompt)
+
+
+@torch.no_grad()
+def score_decode(model, prompts: list[list[int]], generations: list[dict]) -> Agreement:
+    """vLLM's greedy decode: at each step, same greedy token as the reference? logprob of vLLM's token?"""
+    rows = []
+    for prompt, gen in zip(prompts, generations, strict=True):
+        steps = _teacher_forced(model, prompt, gen["tokens"])
+        rows.append((steps, gen["tokens"], gen["tokens"], gen["logprobs"]))
+    return _agreement(rows)
+
+
+@torch.no_grad()
+def score_prefill(model, prompts: list[list[int]], generations: list[dict], prefill: list[dict]) -> Agreement:
+    """vLLM's prefill of prompt + generated tokens (``prompt_logprobs``): per position top-1 and logprob."""
+    rows = []
+    for prompt, gen, row in zip(prompts, generations, prefill, strict=True):
+        steps = _teacher_forced(model, prompt, gen["tokens"])
+        rows.append((steps, row["top1"], gen["tokens"], row["logprobs"]))
+    return _agreement(rows)

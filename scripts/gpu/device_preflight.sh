@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# On the device machine, after every chunk is in /root/stash: unpack the bundle once, then run
+#   nvfp4-convert preflight --device cuda --policy P --experts E [--planted-fault F] [more options]
+# for each RUN argument, written NAME=POLICY:EXPERTS[:FAULT][:extra options separated by commas], e.g.
+#   bash scripts/gpu/device_preflight.sh default-nvfp4=default:nvfp4 fault-swap=default:nvfp4:compressor_wkv_wgate_swapped
+# Everything comes back in $OUT/<first run name>.tgz: per run its JSON, console output and vLLM's log (every
+# run of this machine so far).
+set -uo pipefail
+if [ ! -d /root/site/vllm ]; then
+  t0=$(date +%s)
+  cat /root/stash/site.tar.xz.part* | python3 -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('/root')" \
+    || { echo "bundle incomplete"; exit 3; }
+  for w in /root/stash/*.whl; do [ -e "$w" ] && python3 -m zipfile -e "$w" /root/site; done  # e.g. transformers 5.19
+  echo "bundle unpacked in $(( $(date +%s) - t0 )) s"
+fi
+export PYTHONPATH=/root/site:/root/site/nvidia_cutlass_dsl/dsl_packages:$PWD
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONUNBUFFERED=1
+RES=/root/preflight-results
+mkdir -p "$RES"
+first=""
+for spec in "$@"; do
+  name=${spec%%=*}; rest=${spec#*=}
+  IFS=: read -r policy experts fault extra <<<"$rest"
+  [ -n "$first" ] || first=$name
+  args=(--device cuda --policy "$policy" --experts "$experts" --workdir "/root/pf/$name" --json "$RES/$name.json")
+  [ -n "${fault:-}" ] && [ "$fault" != "-" ] && args+=(--planted-fault "$fault")
+  [ -n "${extra:-}" ] && IFS=, read -r -a more <<<"$extra" && args+=("${more[@]}")
+  t0=$(date +%s)
+  python3 -m nvfp4_convert preflight "${args[@]}" >"$RES/$name.console.txt" 2>&1
+  rc=$?
+  cp "/root/pf/$name/vllm.log" "$RES/$name.vllm.log" 2>/dev/null
+  echo "$name rc=$rc $(( $(date +%s) - t0 ))s: $(grep -E 'verdict|cannot run|error' "$RES/$name.console.txt" | tail -1)"
+  grep -E '^│ (decode|prefill)' "$RES/$name.console.txt"
+  tar -czf "$OUT/${first:-results}.tgz" -C "$RES" .  # after every run: a call cut short keeps what it finished
+done

@@ -1,0 +1,189 @@
+"""``nvfp4-convert preflight``: its source is a real ModelOpt export's twin, it refuses what cannot run in one line,
+and on vLLM's CPU build it PASSes a correct conversion and FAILs a planted fault.
+
+The generation tests run where vLLM's CPU DeepSeek-V4 forward has its AVX-512 kernels and skip elsewhere, naming
+the missing kernels, like ``test_vllm_generate.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import load_all
+from typer.testing import CliRunner
+
+from nvfp4_convert.cli import app
+from nvfp4_convert.codecs import FP8_BLOCK
+from nvfp4_convert.convert import prepare
+from nvfp4_convert.policy import Policy
+from nvfp4_convert.preflight import check, tiny_model
+from nvfp4_convert.preflight.check import Options, Unavailable, preflight
+
+E2E_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "tiny-dsv4-e2e"  # a real ModelOpt 0.45 export
+
+
+@pytest.fixture(scope="module")
+def cpu_source(tmp_path_factory) -> Path:
+    pytest.importorskip("transformers")
+    return tiny_model.write_source(tiny_model.SIZES["cpu"], tmp_path_factory.mktemp("pf") / "src")
+
+
+def test_cpu_source_has_the_names_dtypes_and_shapes_of_a_real_modelopt_export(cpu_source):
+    ours, real = load_all(cpu_source), load_all(E2E_FIXTURE)
+    assert set(ours) == set(real)
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in ours.items()} == {
+        k: (v.dtype, tuple(v.shape)) for k, v in real.items()
+    }
+    ours_cfg = json.loads((cpu_source / "config.json").read_text())
+    real_cfg = json.loads((E2E_FIXTURE / "config.json").read_text())
+    assert set(ours_cfg) == set(real_cfg)
+    assert ours_cfg["quantization_config"] == real_cfg["quantization_config"]
+    differ = {k for k in ours_cfg if ours_cfg[k] != real_cfg[k]}
+    assert differ == {"transformers_version", "routed_scaling_factor"}, differ  # the latter on purpose (tiny_model)
+
+
+def test_cpu_source_passes_the_converters_inventory_checks(cpu_source):
+    plan = prepare(cpu_source, Policy("default", "nvfp4")).plan
+    assert not plan.notes or all("MTP" in n or "mtp" in n for n in plan.notes), plan.notes
+
+
+def test_input_scales_are_calibrated_activation_scales_not_weight_scales(cpu_source):
+    t = load_all(cpu_source)
+    scales = [v for k, v in t.items() if k.endswith(".input_scale")]
+    assert scales and all(v.dtype == torch.float32 and v.dim() == 0 and float(v) > 0 for v in scales)
+    # an activation amax / (6 * 448): RMS-normalised inputs of this model are O(1), so ~1e-3, never 1.0
+    assert all(1e-5 < float(v) < 0.1 for v in scales)
+
+
+@pytest.fixture(scope="module")
+def gpu_source(tmp_path_factory) -> Path:
+    pytest.importorskip("transformers")
+    return tiny_model.write_source(tiny_model.SIZES["gpu"], tmp_path_factory.mktemp("pf-gpu") / "src")
+
+
+@pytest.mark.parametrize("policy", ["default", "fp8"])
+def test_gpu_model_has_the_dimensions_vllms_cuda_kernels_accept(policy, gpu_source):
+    cfg = tiny_model.config_dict(tiny_model.SIZES["gpu"])
+    assert cfg["head_dim"] == 512 and cfg["index_head_dim"] == 128
+    assert cfg["index_n_heads"] in (32, 64)  # DeepGEMM fp8_fp4_mqa_logits on sm90
+    assert cfg["num_attention_heads"] in (64, 128)  # FlashMLA's FP8 decode kernel, no padding
+    # every FP8 output of the plan: both dimensions whole 128-blocks (DeepGEMM's block-scaled GEMM)
+    plan = prepare(gpu_source, Policy(policy, "nvfp4")).plan
+    fp8 = [o for o in plan.outputs if o.name.endswith(".weight") and o.dtype == "F8_E4M3"]
+    assert fp8, "no FP8 output"
+    assert all(s % FP8_BLOCK == 0 for o in fp8 for s in o.shape), [(o.name, o.shape) for o in fp8]
+
+
+@pytest.mark.parametrize("tp", [2, 8])
+def test_gpu_model_shards_evenly_over_tensor_parallel_ranks(tp):
+    """Every dimension vLLM splits over TP ranks divides, and each rank keeps whole 128-wide FP8 blocks."""
+    c = tiny_model.config_dict(tiny_model.SIZES["gpu"])
+    heads, groups = c["num_attention_heads"], c["o_groups"]
+    assert heads % tp == 0 and groups % tp == 0
+    assert (heads // tp) * c["head_dim"] % FP8_BLOCK == 0  # wq_b rows per rank (column parallel)
+    assert (groups // tp) * c["o_lora_rank"] % FP8_BLOCK == 0  # wo_a rows / wo_b columns per rank
+    assert c["n_routed_experts"] % tp == 0  # expert parallel: whole experts per rank
+    assert c["moe_intermediate_size"] % tp == 0  # tensor-parallel experts and shared expert
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Refusals: an interpreter that answers the probe as a given environment would
+
+
+def _fake_python(tmp_path: Path, probe: dict) -> str:
+    """An executable standing in for ``--python``: answers ``worker.py probe OUT`` with ``probe``."""
+    exe = tmp_path / "python"
+    exe.write_text(f"#!{sys.executable}\nimport json, sys\nopen(sys.argv[-1], 'w').write({json.dumps(probe)!r})\n")
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    return str(exe)
+
+
+GPU_ENV = {"vllm": "0.26.0", "torch": "2.11.0+cu130", "cuda": True, "gpus": 1, "gpu": "NVIDIA H200", "avx512": True}
+CPU_ENV = {"vllm": "0.32.0+cpu", "torch": "2.13.0+cpu", "cuda": False, "gpus": 0, "gpu": None, "avx512": True}
+
+
+@pytest.mark.parametrize(
+    ("probe", "options", "message"),
+    [
+        ({"error": "ModuleNotFoundError: No module named 'vllm'"}, {}, "vLLM is not importable"),
+        ({**GPU_ENV, "vllm": "0.21.0"}, {}, "vLLM 0.21.0 is too old for this check on cuda: it needs >= 0.22"),
+        (
+            {**GPU_ENV, "vllm": "0.26.0"},
+            {"policy": "bf16"},
+            "vLLM 0.26.0 is too old for this check on cuda: it needs >= 0.30",
+        ),
+        (CPU_ENV, {"device": "cuda"}, "no GPU: --device cuda"),
+        ({**CPU_ENV, "vllm": "0.31.0+cpu"}, {}, "vLLM 0.31.0+cpu is too old for this check on cpu: it needs >= 0.32"),
+        (GPU_ENV, {"device": "cpu"}, "--device cpu needs vLLM's CPU build"),
+        (GPU_ENV, {"tensor_parallel_size": 2}, "--tensor-parallel-size 2, but only 1 GPU(s)"),
+    ],
+)
+def test_what_cannot_run_is_refused_in_one_line_before_anything_is_built(tmp_path, probe, options, message):
+    opts = Options(python=_fake_python(tmp_path, probe), workdir=tmp_path / "work", **options)
+    with pytest.raises(Unavailable, match=re.escape(message)):
+        preflight(opts, say=lambda m: None)
+    assert not (tmp_path / "work" / "src").exists()
+
+
+def test_an_interpreter_without_vllm_is_refused(tmp_path):
+    """A real one: this CI's base interpreter has no vLLM (the test venv has)."""
+    python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else None
+    if python is None or python == sys.executable:
+        pytest.skip("no second interpreter here")
+    with pytest.raises(Unavailable, match="vLLM is not importable"):
+        preflight(Options(python=python, workdir=tmp_path), say=lambda m: None)
+
+
+def test_cli_says_cannot_run_in_one_line_and_exits_2(tmp_path):
+    python = _fake_python(tmp_path, {**CPU_ENV})
+    result = CliRunner().invoke(app, ["preflight", "--device", "cuda", "--python", python])
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "cannot run: no GPU" in lines[0], result.output
+
+
+def test_unknown_fault_and_device_are_refused(tmp_path):
+    result = CliRunner().invoke(app, ["preflight", "--device", "tpu"])
+    assert result.exit_code == 2 and "unknown device" in result.output
+    python = _fake_python(tmp_path, {**CPU_ENV})
+    result = CliRunner().invoke(app, ["preflight", "--python", python, "--planted-fault", "nope"])
+    assert result.exit_code == 1 and "unknown planted fault 'nope'" in result.output
+
+
+def test_version_parsing():
+    assert check.version_tuple("0.26.0") == (0, 26)
+    assert check.version_tuple("0.32.0+cpu") == (0, 32)
+    assert check.version_tuple("0.10.1rc2") == (0, 10)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The real thing on vLLM's CPU build
+
+
+def _cpu_preflight(tmp_path: Path, **options) -> dict:
+    pytest.importorskip("vllm")
+    if not torch.cpu._is_avx512_supported():
+        pytest.skip("vLLM's CPU DeepSeek-V4 forward needs its AVX-512 kernel library; this CPU has no AVX-512")
+    try:
+        return preflight(Options(device="cpu", experts="bf16", workdir=tmp_path, **options), say=print)
+    except Unavailable as e:
+        pytest.skip(str(e))
+
+
+def test_cpu_preflight_passes_a_correct_conversion(tmp_path):
+    result = _cpu_preflight(tmp_path, policy="default")
+    print(json.dumps({k: result[k] for k in ("verdict", "decode", "prefill", "environment")}))
+    assert result["verdict"] == "PASS", result["decode"]
+    assert result["decode"]["steps"] == 48
+
+
+def test_cpu_preflight_fails_a_planted_fault(tmp_path):
+    result = _cpu_preflight(tmp_path, policy="default", planted_fault="compressor_wkv_wgate_swapped")
+    print(json.dumps({k: result[k] for k in ("verdict", "decode", "prefill")}))
+    assert result["verdict"] == "FAIL", result["decode"]
