@@ -20,6 +20,7 @@ Modules, one concern each (read them in this order):
 - ``inspect``         what a checkpoint (source or converted) contains
 - ``verify``          checks a converted checkpoint against the contract, its source, a reference
 - ``probe``           asks a served model a few questions: coherent or garbage?
+- ``preflight/``      does the vLLM installed here compute our format right? (tiny model, vLLM vs transformers)
 - ``cli``             the Typer/Rich command line (thin)
 """
 

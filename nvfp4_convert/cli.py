@@ -349,6 +349,12 @@ def preflight_cmd(
     cuda_graphs: Annotated[
         bool, typer.Option("--cuda-graphs", help="compile and capture CUDA graphs as a server does (slower start)")
     ] = False,
+    hidden_size: Annotated[
+        int | None, typer.Option("--hidden-size", help="diagnosis: the model's hidden size (multiple of 128)")
+    ] = None,
+    prompt_lengths: Annotated[
+        str | None, typer.Option("--prompt-lengths", help="diagnosis: prompt lengths, e.g. 1,8,600")
+    ] = None,
     workdir: Annotated[
         Path | None, typer.Option("--workdir", help="keep the model, vLLM's log and results here")
     ] = None,
@@ -372,6 +378,8 @@ def preflight_cmd(
         planted_fault=planted_fault,
         max_num_seqs=max_num_seqs,
         cuda_graphs=cuda_graphs,
+        hidden_size=hidden_size,
+        prompt_lengths=_int_list(prompt_lengths, "--prompt-lengths"),
         workdir=workdir,
     )
     try:
@@ -389,6 +397,16 @@ def preflight_cmd(
         raise typer.Exit(1)
 
 
+def _int_list(text: str | None, option: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        console.print(f"[bold red]error:[/] {option} {text!r}: comma-separated integers expected")
+        raise typer.Exit(2) from None
+
+
 def _print_preflight(r: dict) -> None:
     env = r["environment"]
     table = Table(
@@ -400,15 +418,15 @@ def _print_preflight(r: dict) -> None:
     table.add_column("median |dlogp|", justify="right")
     table.add_column("max |dlogp|", justify="right")
     table.add_column("counts")
-    for name in ("decode", "prefill"):
+    for name in ("decode", "prefill", "decode_vs_prefill"):
         a = r[name]
         table.add_row(
-            name,
+            name.replace("_", " "),
             f"{a['matches']}/{a['steps']}",
             str(a["per_prompt"]),
             f"{a['median_abs_dlogp']:.4f}",
             f"{a['max_abs_dlogp']:.4f}",
-            "verdict" if name == "decode" else "reported",
+            {"decode": "verdict", "prefill": "reported", "decode_vs_prefill": "vLLM vs itself"}[name],
         )
     out.print(table)
     for line in r["backends"][:12]:

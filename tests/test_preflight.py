@@ -187,3 +187,39 @@ def test_cpu_preflight_fails_a_planted_fault(tmp_path):
     result = _cpu_preflight(tmp_path, policy="default", planted_fault="compressor_wkv_wgate_swapped")
     print(json.dumps({k: result[k] for k in ("verdict", "decode", "prefill")}))
     assert result["verdict"] == "FAIL", result["decode"]
+
+
+def test_diagnostic_sizes_change_only_what_was_asked():
+    gpu = tiny_model.SIZES["gpu"]
+    wide = tiny_model.resized(gpu, hidden_size=4096, prompt_lengths=(1, 8))
+    assert tiny_model.config_dict(wide) == {**tiny_model.config_dict(gpu), "hidden_size": 4096}
+    assert wide.prompt_lengths == (1, 8) and [len(p) for p in tiny_model.prompts(wide)] == [1, 8]
+    assert tiny_model.resized(gpu) == gpu
+    for bad in ({"hidden_size": 100}, {"hidden_size": 0}, {"prompt_lengths": (0,)}, {"prompt_lengths": ()}):
+        with pytest.raises(ValueError):
+            tiny_model.resized(gpu, **bad)
+
+
+def test_cli_refuses_a_malformed_prompt_length_list():
+    result = CliRunner().invoke(app, ["preflight", "--prompt-lengths", "1,x"])
+    assert result.exit_code == 2 and "comma-separated integers" in result.output
+
+
+def test_agreement_verdict_needs_seven_eighths_and_a_small_finite_median():
+    from nvfp4_convert.preflight.reference import Agreement
+
+    assert Agreement(42, 48, 0.049, 0.2, [14, 14, 14]).ok
+    assert not Agreement(41, 48, 0.001, 0.01, [14, 14, 13]).ok
+    assert not Agreement(48, 48, 0.05, 0.1, [16, 16, 16]).ok
+    assert not Agreement(48, 48, float("nan"), float("nan"), [16, 16, 16]).ok  # NaN logprobs never pass
+    assert not Agreement(0, 0, float("nan"), float("nan"), []).ok
+
+
+def test_decode_is_compared_with_vllms_own_prefill():
+    from nvfp4_convert.preflight.reference import decode_vs_prefill
+
+    gens = [{"tokens": [5, 0, 0], "logprobs": [-1.0, -5.55, -5.55]}]  # decode collapsed after its first token
+    rows = [{"top1": [5, 7, 9], "logprobs": [-1.01, -6.0, -7.0]}]
+    a = decode_vs_prefill(gens, rows)
+    assert (a.matches, a.steps, a.per_prompt) == (1, 3, [1])
+    assert a.median_abs_dlogp == pytest.approx(0.45)

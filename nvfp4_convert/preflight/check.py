@@ -55,6 +55,8 @@ class Options:
     planted_fault: str | None = None
     max_num_seqs: int = 8
     cuda_graphs: bool = False
+    hidden_size: int | None = None  # another hidden size than the device's model size has
+    prompt_lengths: tuple[int, ...] | None = None  # other prompts than the size's
     seed: int = 0
     workdir: Path | None = None  # kept; a temporary directory (removed) when None
 
@@ -140,7 +142,9 @@ def _preflight(opts: Options, work: Path, say) -> dict:
         raise ConvertError(f"unknown planted fault {opts.planted_fault!r} (one of {', '.join(faults.FAULTS)})")
     env = probe(opts.python, work)
     device = resolve_device(env, opts)
-    size = tiny_model.SIZES["gpu" if device == "cuda" else "cpu"]
+    size = tiny_model.resized(
+        tiny_model.SIZES["gpu" if device == "cuda" else "cpu"], opts.hidden_size, opts.prompt_lengths
+    )
     say(f"vLLM {env['vllm']} (torch {env['torch']}) on {env['gpu'] or 'CPU'}: {size.name}-sized model")
 
     src, dst = work / "src", work / "dst"
@@ -180,6 +184,7 @@ def _preflight(opts: Options, work: Path, say) -> dict:
         "verdict": "PASS" if decode.ok else "FAIL",
         "decode": decode.as_dict(),
         "prefill": prefill.as_dict(),
+        "decode_vs_prefill": reference.decode_vs_prefill(ran["generations"], ran["prefill"]).as_dict(),
         "device": device,
         "size": size.name,
         "model": {k: tiny_model.config_dict(size)[k] for k in tiny_model.SIZE_KEYS},
@@ -195,6 +200,7 @@ def _preflight(opts: Options, work: Path, say) -> dict:
         "environment": {k: env.get(k) for k in ("vllm", "torch", "vllm_cuda", "gpu", "gpus", "capability", "python")},
         "backends": backend_lines(log),
         "generations": ran["generations"],
+        "prefill_rows": ran["prefill"],
         "thresholds": {
             "min_agreeing_fraction": reference.MIN_AGREEING_FRACTION,
             "max_median_abs_dlogp": reference.MAX_MEDIAN_ABS_DLOGP,

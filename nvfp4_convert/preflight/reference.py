@@ -7,6 +7,7 @@
 - ``score_decode``: teacher-force the reference on vLLM's greedy tokens: does it pick the same token at every
   step, and how far is its logprob of vLLM's token? ``score_prefill`` does the same for the per-position
   top-1 and logprob vLLM computed in one prefill (``prompt_logprobs``) of prompt + generated tokens.
+- ``decode_vs_prefill``: the same comparison of vLLM's decode against vLLM's own prefill (no reference).
 - ``Agreement.ok``: at least 7/8 of the steps agree (42 of 48) and the median |delta logprob| < 0.05.
 """
 
@@ -143,6 +144,10 @@ def _agreement(rows: list[tuple[torch.Tensor, list[int], list[int], list[float]]
         per_prompt.append(ok)
         ref_lp = steps.gather(1, torch.tensor(tokens)[:, None])[:, 0]
         deltas += (ref_lp - torch.tensor(logprobs, dtype=torch.float32)).abs().tolist()
+    return _summary(matches, deltas, per_prompt)
+
+
+def _summary(matches: int, deltas: list[float], per_prompt: list[int]) -> Agreement:
     if not deltas:
         return Agreement(0, 0, float("nan"), float("nan"), per_prompt)
     median = float("nan") if any(d != d for d in deltas) else statistics.median(deltas)
@@ -157,6 +162,20 @@ def score_decode(model, prompts: list[list[int]], generations: list[dict]) -> Ag
         steps = _teacher_forced(model, prompt, gen["tokens"])
         rows.append((steps, gen["tokens"], gen["tokens"], gen["logprobs"]))
     return _agreement(rows)
+
+
+def decode_vs_prefill(generations: list[dict], prefill: list[dict]) -> Agreement:
+    """vLLM against itself: its greedy decode against its own prefill of the same tokens (no reference).
+
+    Where the reference is right and this disagrees, vLLM's decode path is what differs from its prefill path.
+    """
+    matches, deltas, per_prompt = 0, [], []
+    for gen, row in zip(generations, prefill, strict=True):
+        ok = sum(int(a == b) for a, b in zip(gen["tokens"], row["top1"], strict=True))
+        matches += ok
+        per_prompt.append(ok)
+        deltas += [abs(a - b) for a, b in zip(gen["logprobs"], row["logprobs"], strict=True)]
+    return _summary(matches, deltas, per_prompt)
 
 
 @torch.no_grad()

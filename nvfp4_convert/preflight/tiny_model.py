@@ -108,6 +108,21 @@ def config_dict(size: Size) -> dict[str, Any]:
     return {**_BASE, **size.overrides}
 
 
+def resized(size: Size, hidden_size: int | None = None, prompt_lengths: tuple[int, ...] | None = None) -> Size:
+    """``size`` with another hidden size and/or other prompt lengths (to tell a kernel's shape limits apart)."""
+    overrides = dict(size.overrides)
+    name = size.name
+    if hidden_size is not None:
+        if hidden_size <= 0 or hidden_size % 128:
+            raise ValueError(f"hidden size {hidden_size} is not a positive multiple of 128")
+        overrides["hidden_size"] = hidden_size
+        name += f"-h{hidden_size}"
+    lengths = size.prompt_lengths if prompt_lengths is None else prompt_lengths
+    if not lengths or any(n < 1 for n in lengths):
+        raise ValueError(f"prompt lengths {lengths} must be positive")
+    return Size(name, overrides, tuple(lengths), size.max_tokens)
+
+
 def prompts(size: Size, seed: int = 0) -> list[list[int]]:
     """Random token ids (never 0 = bos or 1 = eos) of the size's prompt lengths."""
     rng = random.Random(seed)
