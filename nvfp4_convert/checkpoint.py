@@ -4,11 +4,20 @@
 file), validates every shard header and the index against them (missing shard, tensor absent
 from its shard, tensor in two shards, shard tensor absent from the index), and loads
 ``config.json``. Nothing is read from tensor data here.
+
+SRC may come from anywhere: an index entry must be a plain file name inside SRC (never a path, ``..``, or
+anything but a string), every file read must be a regular file (a FIFO or device is refused, never opened),
+JSON files are read up to ``MAX_JSON_BYTES``, and subfolders of SRC are listed (``subfolders``) so that the
+report says they were not carried over. Symbolic links in SRC are checked before anything is opened: one that
+resolves inside SRC, or into the ``blobs/`` of a Hugging Face cache snapshot (``.../snapshots/REV/`` whose files
+link to ``../../blobs/``), is followed; any other is refused by name unless ``allow_outside_links``. Every
+followed link is listed (``links``: name -> resolved target) for the report.
 """
 
 from __future__ import annotations
 
 import json
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +27,8 @@ from .safetensors_io import TensorInfo, read_header
 INDEX_NAME = "model.safetensors.index.json"
 # Files a conversion writes itself; everything else in SRC is carried over.
 GENERATED_FILES = {INDEX_NAME, "config.json", "hf_quant_config.json"}
+# An index of 881 GB in ~100k tensors is ~10 MB; a config a few KB.
+MAX_JSON_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -29,12 +40,15 @@ class Checkpoint:
     config: dict
     shards: list[Path]
     other_files: list[Path] = field(default_factory=list)
+    subfolders: list[Path] = field(default_factory=list)
+    links: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, path: Path, *, require_config: bool = True) -> Checkpoint:
+    def open(cls, path: Path, *, require_config: bool = True, allow_outside_links: bool = False) -> Checkpoint:
         path = Path(path)
         if not path.is_dir():
             raise ConvertError("not a directory", file=path)
+        links = _checked_links(path, allow_outside_links)
         shards = _shard_files(path)
         tensors: dict[str, TensorInfo] = {}
         for shard in shards:
@@ -47,19 +61,58 @@ class Checkpoint:
         if index.exists():
             _check_index(index, tensors)
         config = _read_config(path) if require_config or (path / "config.json").exists() else {}
-        others = sorted(
-            p
-            for p in path.iterdir()
-            if p.is_file()
-            and p.suffix != ".safetensors"
-            and p.name not in GENERATED_FILES
-            and not p.name.startswith(".")
-        )
-        return cls(path, tensors, config, shards, others)
+        others, subfolders = [], []
+        for p in sorted(path.iterdir()):
+            if p.name.startswith(".") or p.suffix == ".safetensors" or p.name in GENERATED_FILES:
+                continue
+            if p.is_dir():
+                subfolders.append(p)
+            else:
+                regular_file(p, "file")
+                others.append(p)
+        return cls(path, tensors, config, shards, others, subfolders, links)
 
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+
+def _checked_links(path: Path, allow_outside: bool) -> dict[str, str]:
+    """Every symlink at SRC's top level (where all it reads lives) -> its target, refusing ones that leave SRC."""
+    root = path.resolve()
+    blobs = (path / ".." / ".." / "blobs").resolve() if path.resolve().parent.name == "snapshots" else None
+    links: dict[str, str] = {}
+    for p in sorted(path.iterdir()):
+        if not p.is_symlink():
+            continue
+        target = p.resolve()
+        inside = root in target.parents or (blobs is not None and blobs in target.parents)
+        if not inside and not allow_outside:
+            raise ConvertError(
+                f"symlink to {target}, outside the source folder: refused (--allow-outside-links follows it)", file=p
+            )
+        links[p.name] = str(target)
+    return links
+
+
+def is_plain_name(name: object) -> bool:
+    """A file name that stays inside its directory: a non-empty string, no separator, not ``.``/``..``, no NUL."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in ("/", "\\", "\x00"))
+
+
+def regular_file(path: Path, what: str) -> Path:
+    """``path`` if it is (or links to) a regular file; a FIFO, device, socket or folder is refused unopened."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise ConvertError(f"{what} missing", file=path) from None
+    except OSError as e:
+        raise ConvertError(f"cannot stat {what}: {e.strerror}", file=path) from e
+    if not stat.S_ISREG(mode):
+        kind = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+        kind |= {stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
+        raise ConvertError(f"{what} is {kind.get(stat.S_IFMT(mode), 'not a regular file')}: refused", file=path)
+    return path
 
 
 def _shard_files(path: Path) -> list[Path]:
@@ -68,13 +121,18 @@ def _shard_files(path: Path) -> list[Path]:
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ConvertError("no weight_map in the index", file=index)
+        for tensor, name in weight_map.items():
+            if not is_plain_name(name):
+                raise ConvertError(
+                    f"index entry {name!r} is not a plain file name in the source folder", file=index, tensor=tensor
+                )
         names = sorted(set(weight_map.values()))
         for name in names:
-            if not (path / name).is_file():
+            if not (path / name).exists():
                 tensor = next(t for t, s in weight_map.items() if s == name)
                 raise ConvertError(f"index names missing shard {name}", file=index, tensor=tensor)
-        return [path / n for n in names]
-    files = sorted(p for p in path.glob("*.safetensors"))
+        return [regular_file(path / n, "shard") for n in names]
+    files = [regular_file(p, "shard") for p in sorted(path.glob("*.safetensors"))]
     if not files:
         raise ConvertError("no *.safetensors file and no model.safetensors.index.json", file=path)
     return files
@@ -92,6 +150,11 @@ def _check_index(index: Path, tensors: dict[str, TensorInfo]) -> None:
 
 
 def _read_json(path: Path) -> dict:
+    size = regular_file(path, "JSON file").stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise ConvertError(
+            f"{size} bytes: larger than the {MAX_JSON_BYTES >> 20} MiB a JSON file here may be", file=path
+        )
     try:
         data = json.loads(path.read_text())
     except OSError as e:

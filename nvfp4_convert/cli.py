@@ -58,6 +58,10 @@ RefOpt = Annotated[
     typer.Option("--attention-from", help="take every non-expert linear from this BF16/FP8 reference checkpoint"),
 ]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="also write the result as JSON to this file")]
+LinksOpt = Annotated[
+    bool,
+    typer.Option("--allow-outside-links", help="follow symlinks in SRC that resolve outside it (listed in the report)"),
+]
 
 
 def _fail_cleanly(fn: Callable[[], Any]) -> Any:
@@ -107,6 +111,7 @@ def plan_cmd(
     shard_size: Annotated[str, typer.Option(help="target output shard size")] = "5GB",
     pass_unknown: Annotated[bool, typer.Option(help="pass unrecognised tensors through (loudly)")] = False,
     attention_from: RefOpt = None,
+    allow_outside_links: LinksOpt = False,
     json_out: JsonOpt = None,
 ) -> None:
     """Show what `run` would do, writing nothing."""
@@ -118,6 +123,7 @@ def plan_cmd(
             shard_bytes=parse_size(shard_size),
             pass_unknown=pass_unknown,
             attention_from=attention_from,
+            allow_outside_links=allow_outside_links,
         )
         _print_plan(prep.plan)
         if json_out:
@@ -140,6 +146,7 @@ def run_cmd(
     pass_unknown: Annotated[bool, typer.Option(help="pass unrecognised tensors through (loudly)")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
     attention_from: RefOpt = None,
+    allow_outside_links: LinksOpt = False,
     io: Annotated[
         str, typer.Option(help="auto | direct (O_DIRECT, no page cache) | buffered (page cache, copy_file_range)")
     ] = "auto",
@@ -157,6 +164,7 @@ def run_cmd(
             quiet,
             attention_from,
             io=io,
+            allow_outside_links=allow_outside_links,
         )
     )
 
@@ -173,9 +181,15 @@ def _run(
     attention_from: Path | None = None,
     prepared: Prepared | None = None,
     io: str = "auto",
+    allow_outside_links: bool = False,
 ) -> dict:
     prep = prepared or prepare(
-        src, policy, shard_bytes=shard_bytes, pass_unknown=pass_unknown, attention_from=attention_from
+        src,
+        policy,
+        shard_bytes=shard_bytes,
+        pass_unknown=pass_unknown,
+        attention_from=attention_from,
+        allow_outside_links=allow_outside_links,
     )
     if prep.inventory.unknown:
         console.print(

@@ -50,14 +50,20 @@ def prepare(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     pass_unknown: bool = False,
     attention_from: Path | None = None,
+    allow_outside_links: bool = False,
 ) -> Prepared:
     """Open SRC (and REF), classify, plan and derive the output config (headers and scalar scales only)."""
-    ckpt = Checkpoint.open(src)
+    ckpt = Checkpoint.open(src, allow_outside_links=allow_outside_links)
     inv = build_inventory(ckpt, pass_unknown=pass_unknown)
     g = graft(ckpt.config, inv, attention_from) if attention_from is not None else None
     plan = build_plan(g.inventory if g else inv, policy, ckpt.path, shard_bytes=shard_bytes)
     if g is not None and attention_from is not None:
         mark_grafted(plan, g, attention_from)
+    for d in ckpt.subfolders:
+        plan.notes.append(f"subfolder {d.name}/ of the source is not carried over (not part of the checkpoint)")
+    if ckpt.links:
+        plan.followed_links = ckpt.links
+        plan.notes.append(f"{len(ckpt.links)} symlink(s) in the source followed (the report's followed_links)")
     config = vllm_config(ckpt.config, plan.ignored_layers)
     return Prepared(ckpt, inv, plan, config, g)
 
@@ -73,10 +79,27 @@ def mark_grafted(plan: Plan, g: Graft, ref: Path) -> None:
     plan.notes.append(f"{len(g.replaced)} non-expert linear(s) taken from the reference {ref}")
 
 
+def is_same_or_inside(dst: Path, src: Path) -> bool:
+    """Whether DST is SRC or below it, decided by device and inode (bind mounts, symlinked parents, ``..``).
+
+    DST's nearest existing folder is resolved as the kernel resolves it, and it and each folder above it is compared
+    with SRC by (device, inode); path strings never are.
+    """
+    s = src.stat()
+    existing = dst if dst.is_absolute() else Path.cwd() / dst
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent  # DST (or folders above it) not created yet
+    real = Path(os.path.realpath(existing))
+    for p in (real, *real.parents):
+        st = p.stat()
+        if (st.st_dev, st.st_ino) == (s.st_dev, s.st_ino):
+            return True
+    return False
+
+
 def check_destination(src: Path, dst: Path, *, resume: bool, needed_bytes: int) -> None:
     """Refuse a DST that would overwrite or sit inside SRC, hold other data, or not fit."""
-    src_r, dst_r = src.resolve(), dst.resolve()
-    if dst_r == src_r or src_r in dst_r.parents:
+    if is_same_or_inside(dst, src):
         raise ConvertError("destination is the source or inside it; the source is never written", file=dst)
     status = dst_status(dst)
     if status == "finished":
@@ -113,6 +136,7 @@ def run(
     progress: Progress | None = None,
     prepared: Prepared | None = None,
     io: str = "auto",
+    allow_outside_links: bool = False,
 ) -> dict:
     """Convert SRC into DST; returns the report dict.
 
@@ -121,7 +145,12 @@ def run(
     """
     t0 = time.monotonic()
     prep = prepared or prepare(
-        src, policy, shard_bytes=shard_bytes, pass_unknown=pass_unknown, attention_from=attention_from
+        src,
+        policy,
+        shard_bytes=shard_bytes,
+        pass_unknown=pass_unknown,
+        attention_from=attention_from,
+        allow_outside_links=allow_outside_links,
     )
     plan = prep.plan
     if io not in IO_MODES:
@@ -217,7 +246,12 @@ def _write_metadata(prep: Prepared, dst: Path) -> None:
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link ``src`` to ``dst`` (same filesystem), else copy it; replaces ``dst``."""
+    """Hard-link ``src`` to ``dst`` (same filesystem), else copy it; replaces ``dst``.
+
+    A symlinked ``src`` (a Hugging Face cache snapshot) is resolved first: link(2) would link the symlink itself,
+    leaving DST a relative link that dangles there.
+    """
+    src = src.resolve()
     if dst.exists() and os.path.samefile(src, dst):
         return  # linked by an earlier (interrupted) run; rename(2) onto the same inode would be a no-op
     tmp = dst.with_name(dst.name + ".partial")

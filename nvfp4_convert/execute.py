@@ -51,18 +51,31 @@ def band_rows(cols: int, multiple: int = FP8_BLOCK) -> int:
 
 
 def decode_rows(sources: tuple[TensorInfo, ...], r0: int, r1: int) -> torch.Tensor:
-    """float32 rows ``[r0, r1)`` of a linear stored as NVFP4, FP8 block or dense (by source dtypes)."""
+    """float32 rows ``[r0, r1)`` of a linear stored as NVFP4, FP8 block or dense (by source dtypes).
+
+    A NaN or infinite value (from the weight or any of its scales) stops the run naming the tensor and element.
+    """
     weight = sources[0]
     if weight.dtype == "U8":
         ws = read_rows(sources[1], r0, r1)
         check_block_scales(ws, sources[1])
-        return dequantize_nvfp4(read_rows(weight, r0, r1), ws, read_tensor(sources[2]))
-    if weight.dtype == "F8_E4M3":
+        x = dequantize_nvfp4(read_rows(weight, r0, r1), ws, read_tensor(sources[2]))
+    elif weight.dtype == "F8_E4M3":
         if r0 % FP8_BLOCK:
             raise ValueError("FP8 bands must start on a 128-row boundary")
         scale = read_rows(sources[1], r0 // FP8_BLOCK, -(-r1 // FP8_BLOCK))
-        return dequantize_fp8_block(read_rows(weight, r0, r1), scale)
-    return read_rows(weight, r0, r1).to(torch.float32)
+        x = dequantize_fp8_block(read_rows(weight, r0, r1), scale)
+    else:
+        x = read_rows(weight, r0, r1).to(torch.float32)
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        r, c = (int(i) for i in (~finite).nonzero()[0])
+        raise ConvertError(
+            f"decoded value [{r0 + r}, {c}] is {float(x[r, c])} (weight or scale): not finite",
+            file=weight.file,
+            tensor=weight.name,
+        )
+    return x
 
 
 def check_block_scales(ws: torch.Tensor, info: TensorInfo) -> None:

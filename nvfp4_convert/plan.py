@@ -102,6 +102,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     shards: list[Shard] = field(default_factory=list)
     reference: Path | None = None  # --attention-from
+    followed_links: dict[str, str] = field(default_factory=dict)  # SRC's symlinks: name -> resolved target
 
     @property
     def output_bytes(self) -> int:

@@ -76,6 +76,7 @@ def report_dict(
         "dropped": [{"source": a.source, "reason": a.reason} for a in plan.accounts if a.action == "dropped"],
         "gate_up_fixes": [f.__dict__ for f in plan.fixes],
         "notes": list(plan.notes),
+        "followed_links": dict(plan.followed_links),
         "ignored_layers": list(plan.ignored_layers),
         "graft_errors": graft_errors,
         "tensors": [

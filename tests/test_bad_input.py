@@ -181,6 +181,14 @@ CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
         lambda t: _single(t, _set(f"{L2}.self_attn.o_b_proj.weight", torch.zeros(8, dtype=torch.bfloat16))),
         "2-D",
     ),
+    "NaN in a BF16 linear (converted)": (
+        lambda t: _single(t, lambda d: d["model.layers.1.self_attn.o_a_proj.weight"].__setitem__((3, 5), float("nan"))),
+        r"decoded value \[3, 5\] is nan .*not finite",
+    ),
+    "Inf global scale (converted)": (
+        lambda t: _single(t, _set(f"{OA}.weight_scale_2", torch.tensor(float("inf")))),
+        "not finite|finite",
+    ),
     "index names a missing shard": (_index_missing_shard, "missing shard"),
     "index places a tensor in the wrong shard": (_index_wrong_shard, "does not hold it"),
     "tensor in two shards": (_tensor_in_two_shards, "also in"),
