@@ -377,7 +377,8 @@ def preflight_cmd(
     """Before converting: does the vLLM installed here compute this format correctly on this hardware?
 
     Builds a tiny random DeepSeek-V4 in ModelOpt's NVFP4 format, converts it, runs stock vLLM on it and scores
-    vLLM's greedy decode against transformers in float32 on the same weights. Exit 0 PASS, 1 FAIL, 2 cannot run.
+    vLLM's greedy decode against transformers in float32 on the same weights. Exit 0 PASS; 1 FAIL, or vLLM failed
+    on the model; 2 cannot run here (or a bad option).
     """
     if device not in ("auto", "cuda", "cpu"):
         console.print(f"[bold red]error:[/] unknown device {device!r} (auto, cuda or cpu)")
@@ -401,7 +402,10 @@ def preflight_cmd(
     except Unavailable as e:
         console.print(f"[bold red]cannot run:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-    except (ConvertError, ValueError) as e:
+    except ValueError as e:  # a bad option value: not a verdict
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except ConvertError as e:  # vLLM failed on the model, or the model could not be built
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     _print_preflight(result)

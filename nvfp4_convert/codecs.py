@@ -122,24 +122,32 @@ def fold_global_scales(
 
 # Midpoints between consecutive E2M1 magnitudes (0, 0.5, 1, 1.5, 2, 3, 4, 6): a magnitude's nearest code.
 _E2M1_MIDPOINTS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=torch.float32)
+# Ties on these midpoints round up, to the even code (1, 2, 4), as ModelOpt's ``_cast_fp4`` does.
+_E2M1_ROUND_UP_TIES = _E2M1_MIDPOINTS[1::2]
 FP4_MAX = 6.0
 
 
 def quantize_nvfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """float32 [rows, cols] -> (uint8 [rows, cols/2], float8_e4m3fn [rows, cols/16], float32 scalar).
 
-    ModelOpt's NVFP4 weight recipe; ``dequantize_nvfp4`` of the result is within one E2M1 step of ``w``.
+    ModelOpt's NVFP4 weight recipe (``NVFP4QTensor``): an all-zero block gets block scale 1.0, ties round to
+    the even code; ``dequantize_nvfp4`` of the result is within half an E2M1 step of ``w`` (times the block scale).
     """
     w = w.to(torch.float32)
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("NVFP4 quantization of a tensor with NaN or Inf")
     rows, cols = w.shape
     if cols % FP4_BLOCK:
         raise ValueError(f"NVFP4 needs a multiple of {FP4_BLOCK} columns, got {cols}")
-    amax = float(w.abs().max())
+    amax = float(w.abs().max()) if w.numel() else 0.0
     ws2 = torch.tensor(amax / (FP4_MAX * E4M3_MAX) if amax > 0 else 1.0, dtype=torch.float32)
     blocks = w.view(rows, cols // FP4_BLOCK, FP4_BLOCK)
-    ws = (blocks.abs().amax(-1) / (FP4_MAX * ws2)).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
-    denom = ws.to(torch.float32) * ws2
-    scaled = blocks / torch.where(denom > 0, denom, torch.ones_like(denom)).unsqueeze(-1)
-    codes = torch.bucketize(scaled.abs(), _E2M1_MIDPOINTS).to(torch.uint8) | ((scaled < 0).to(torch.uint8) << 3)
+    per_block = blocks.abs().amax(-1) / (FP4_MAX * ws2)
+    ws = torch.where(per_block == 0, torch.ones_like(per_block), per_block).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
+    scaled = blocks / (ws.to(torch.float32) * ws2).unsqueeze(-1)
+    magnitude = scaled.abs()
+    codes = torch.bucketize(magnitude, _E2M1_MIDPOINTS)
+    codes += (magnitude.unsqueeze(-1) == _E2M1_ROUND_UP_TIES).any(-1)
+    codes = codes.to(torch.uint8) | ((scaled < 0).to(torch.uint8) << 3)
     codes = codes.view(rows, cols)
     return codes[:, 0::2] | (codes[:, 1::2] << 4), ws, ws2

@@ -63,22 +63,27 @@ def num_hash_layers(config: dict[str, Any]) -> int:
 
 
 def release_rope(config: dict[str, Any]) -> dict[str, Any] | None:
-    """The source's nested RoPE as DeepSeek's flat release dict; None where it is flat already or has no such form."""
+    """The source's nested RoPE as DeepSeek's flat release dict; None where it is flat already or has no such form
+    (then it is written as it is, which vLLM >= 0.32 reads)."""
     rp = config.get("rope_parameters")
     if not (isinstance(rp, dict) and isinstance(rp.get("main"), dict) and isinstance(rp.get("compress"), dict)):
         return None
     main, comp = rp["main"], rp["compress"]
     ctype = comp.get("rope_type", comp.get("type", "default"))
+    prf = config.get("partial_rotary_factor")
     if (
         main.get("rope_type", main.get("type", "default")) != "default"
-        or main.get("rope_theta", config.get("rope_theta")) != config.get("rope_theta")
-        or comp.get("rope_theta", config.get("compress_rope_theta")) != config.get("compress_rope_theta")
+        or "rope_theta" not in config
+        or "compress_rope_theta" not in config
+        or main.get("rope_theta", config["rope_theta"]) != config["rope_theta"]
+        or comp.get("rope_theta", config["compress_rope_theta"]) != config["compress_rope_theta"]
+        or any(d.get("partial_rotary_factor", prf) != prf for d in (main, comp))
         or comp.get("attention_factor", 1.0) != 1.0
     ):
         return None
     if ctype == "yarn":
         return {k: v for k, v in comp.items() if k not in ("rope_theta", "partial_rotary_factor", "attention_factor")}
-    if ctype == "default":
+    if ctype == "default" and "max_position_embeddings" in config:
         return {
             "rope_type": "yarn",
             "factor": 1.0,

@@ -19,6 +19,7 @@ from nvfp4_convert.codecs import (
     fold_global_scales,
     is_power_of_two,
     quantize_fp8_block,
+    quantize_nvfp4,
     unpack_e2m1,
 )
 
@@ -145,3 +146,30 @@ class TestGateUpFold:
         assert bool(((after - before).abs() <= before.abs() * 2**-4 + step).all())
         untouched = ws_u if smaller == "gate" else ws_g
         assert untouched is (self.ws_u if smaller == "gate" else self.ws_g)
+
+
+def test_nvfp4_quantization_packs_element_2i_in_the_low_nibble_with_the_sign_in_bit_3():
+    # amax 6 -> global scale 6 / (6 * 448), block scale 448: the values themselves are the E2M1 codes' values
+    row = torch.tensor([6, -0.5, 1, 1.5, 2, 3, 4, -6, 0, 0.5, -1, -1.5, -2, -3, -4, 6], dtype=torch.float32)
+    packed, ws, ws2 = quantize_nvfp4(row[None])
+    assert packed.dtype == torch.uint8 and packed.shape == (1, 8) and int(packed[0, 0]) == 0x97  # 6 = 7, -0.5 = 9
+    assert ws.dtype == torch.float8_e4m3fn and float(ws) == 448.0 and float(ws2) == pytest.approx(6 / 2688)
+    assert torch.equal(dequantize_nvfp4(packed, ws, ws2), row[None])
+
+
+def test_nvfp4_quantization_rounds_ties_to_the_even_code_as_modelopt():
+    """ModelOpt's _cast_fp4: midpoints 0.75, 1.75 and 3.5 round up, 0.25, 1.25, 2.5 and 5 down."""
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0] * 2, dtype=torch.float32)
+    got = dequantize_nvfp4(*quantize_nvfp4(ties[None]))[0, :8]
+    assert got.tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0]
+
+
+def test_nvfp4_quantization_error_stays_within_half_a_step_of_each_block():
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(3)) * torch.logspace(-3, 1, 64)[:, None]
+    packed, ws, ws2 = quantize_nvfp4(w)
+    back = dequantize_nvfp4(packed, ws, ws2)
+    step = (ws.float() * ws2).repeat_interleave(16, 1)  # one unit of E2M1 in each block
+    assert bool(((back - w).abs() <= step * 1.0 + w.abs() * 2**-3).all())  # half the widest step (2), e4m3 slack
+    assert float((back - w).norm() / w.norm()) < 0.12
+    zero = quantize_nvfp4(torch.zeros(2, 32))
+    assert float(zero[1].float().min()) == 1.0 and not bool(dequantize_nvfp4(*zero).any())  # ModelOpt: scale 1

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO_FIXTURE
 
 from nvfp4_convert.config_emit import compress_ratios, num_hash_layers, vllm_config
@@ -117,3 +119,52 @@ def test_hf_quant_config_lists_nvfp4_experts(convert_once):
     assert hq["quant_algo"] == "MIXED_PRECISION"
     assert len(hq["quantized_layers"]) == 4 * 4 * 3
     assert hq["quantized_layers"]["layers.0.ffn.experts.0.w1"] == {"quant_algo": "NVFP4", "group_size": 16}
+
+
+E2E_CONFIG = Path(__file__).parent / "fixtures" / "tiny-dsv4-e2e" / "config.json"
+
+
+def _rotary_buffers(cfg: dict) -> dict:
+    from transformers import DeepseekV4Config
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4RotaryEmbedding
+
+    cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
+    m = DeepseekV4RotaryEmbedding(DeepseekV4Config.from_dict(cfg))
+    scaling = {
+        f"{t}_attention_scaling": torch.tensor(float(getattr(m, f"{t}_attention_scaling"))) for t in m.layer_types
+    }
+    return {k: v.clone() for k, v in m.named_buffers()} | scaling
+
+
+@pytest.mark.parametrize("compress", ["default", "yarn"])
+def test_rope_is_written_in_deepseeks_flat_release_form_with_the_same_frequencies(compress):
+    """vLLM 0.26 reads only the flat form; transformers (the oracle) must get the same RoPE back from it."""
+    pytest.importorskip("transformers")
+    src = json.loads(E2E_CONFIG.read_text())
+    if compress == "yarn":
+        src["rope_parameters"]["compress"] = {
+            **src["rope_parameters"]["compress"],
+            "rope_type": "yarn",
+            "factor": 16.0,
+            "original_max_position_embeddings": 1024,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "attention_factor": 1.0,
+        }
+    out = vllm_config(src, [])
+    flat = out["rope_parameters"]
+    assert flat["rope_type"] == "yarn" and not any(isinstance(v, dict) for v in flat.values()), flat
+    assert flat["factor"] == (16.0 if compress == "yarn" else 1.0)
+    want, got = _rotary_buffers(src), _rotary_buffers(out)
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=0, msg=k)
+
+
+def test_rope_that_has_no_flat_form_is_kept_nested():
+    src = json.loads(E2E_CONFIG.read_text())
+    src["rope_parameters"]["main"]["rope_type"] = "yarn"  # YaRN on sliding layers: DeepSeek's form cannot say it
+    assert vllm_config(src, [])["rope_parameters"] == src["rope_parameters"]
+    src = json.loads(E2E_CONFIG.read_text())
+    src["rope_parameters"]["compress"]["partial_rotary_factor"] = 0.25  # differs from the top-level factor
+    assert vllm_config(src, [])["rope_parameters"] == src["rope_parameters"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import stat
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from typer.testing import CliRunner
 from nvfp4_convert.cli import app
 from nvfp4_convert.codecs import FP8_BLOCK
 from nvfp4_convert.convert import prepare
+from nvfp4_convert.errors import ConvertError
 from nvfp4_convert.policy import Policy
 from nvfp4_convert.preflight import check, tiny_model
 from nvfp4_convert.preflight.check import Options, Unavailable, preflight
@@ -104,8 +106,8 @@ def _fake_python(tmp_path: Path, probe: dict) -> str:
     return str(exe)
 
 
-GPU_ENV = {"vllm": "0.26.0", "torch": "2.11.0+cu130", "cuda": True, "gpus": 1, "gpu": "NVIDIA H200", "avx512": True}
-CPU_ENV = {"vllm": "0.32.0+cpu", "torch": "2.13.0+cpu", "cuda": False, "gpus": 0, "gpu": None, "avx512": True}
+GPU_ENV = {"vllm": "0.26.0", "torch": "2.11.0+cu130", "cuda": True, "gpus": 1, "gpu": "NVIDIA H200", "platform": "cuda"}
+CPU_ENV = {"vllm": "0.32.0", "torch": "2.13.0+cpu", "cuda": False, "gpus": 0, "gpu": None, "platform": "cpu"}
 
 
 @pytest.mark.parametrize(
@@ -119,7 +121,7 @@ CPU_ENV = {"vllm": "0.32.0+cpu", "torch": "2.13.0+cpu", "cuda": False, "gpus": 0
             "vLLM 0.26.0 is too old for this check on cuda: it needs >= 0.30",
         ),
         (CPU_ENV, {"device": "cuda"}, "no GPU: --device cuda"),
-        ({**CPU_ENV, "vllm": "0.31.0+cpu"}, {}, "vLLM 0.31.0+cpu is too old for this check on cpu: it needs >= 0.32"),
+        ({**CPU_ENV, "vllm": "0.31.0"}, {}, "vLLM 0.31.0 is too old for this check on cpu: it needs >= 0.32"),
         (GPU_ENV, {"device": "cpu"}, "--device cpu needs vLLM's CPU build"),
         (GPU_ENV, {"tensor_parallel_size": 2}, "--tensor-parallel-size 2, but only 1 GPU(s)"),
     ],
@@ -153,7 +155,26 @@ def test_unknown_fault_and_device_are_refused(tmp_path):
     assert result.exit_code == 2 and "unknown device" in result.output
     python = _fake_python(tmp_path, {**CPU_ENV})
     result = CliRunner().invoke(app, ["preflight", "--python", python, "--planted-fault", "nope"])
-    assert result.exit_code == 1 and "unknown planted fault 'nope'" in result.output
+    assert result.exit_code == 2 and "unknown planted fault 'nope'" in result.output
+
+
+def test_a_stale_result_in_the_workdir_is_never_scored(tmp_path):
+    """A worker that dies without writing (segfault, OOM kill) must not leave an earlier run's result standing."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "probe.json").write_text(json.dumps(GPU_ENV))  # from an earlier run
+    exe = tmp_path / "python"
+    exe.write_text(f"#!{sys.executable}\nimport sys\nsys.exit(139)\n")
+    exe.chmod(0o755)
+    with pytest.raises(ConvertError, match="exited 139 without a result"):
+        preflight(Options(python=str(exe), workdir=work), say=lambda m: None)
+
+
+def test_an_interpreter_that_cannot_run_is_refused_in_one_line(tmp_path):
+    exe = tmp_path / "python"
+    exe.write_text("not executable")
+    with pytest.raises(Unavailable, match="cannot run the interpreter"):
+        preflight(Options(python=str(exe), workdir=tmp_path / "w"), say=lambda m: None)
 
 
 def test_version_parsing():
@@ -223,3 +244,40 @@ def test_decode_is_compared_with_vllms_own_prefill():
     a = decode_vs_prefill(gens, rows)
     assert (a.matches, a.steps, a.per_prompt) == (1, 3, [1])
     assert a.median_abs_dlogp == pytest.approx(0.45)
+
+
+def test_planted_faults_change_what_they_say_and_nothing_else(tmp_path, convert_once):
+    from nvfp4_convert.preflight import faults
+    from nvfp4_convert.preflight.reference import dequantized_state_dict, load_tensors
+
+    good = convert_once(E2E_FIXTURE, "default", "nvfp4")
+    before = load_tensors(good)
+    for fault in faults.FAULTS:
+        dst = tmp_path / fault
+        shutil.copytree(good, dst)
+        faults.plant(dst, fault)
+        after = load_tensors(dst)
+        changed = {k for k in before if not torch.equal(_bytes(before[k]), _bytes(after[k]))}
+        assert changed, fault
+        if fault == "compressor_wkv_wgate_swapped":
+            assert all(".attn.compressor.w" in k for k in changed)
+        elif fault == "wo_a_scale_ones":
+            assert all(k.endswith(".attn.wo_a.scale") for k in changed)
+            assert all(float(after[k].float().min()) == float(after[k].float().max()) == 1.0 for k in changed)
+        else:  # the up halves re-expressed: same values decoded per tensor, but 16x w1's global scale
+            assert all(".w3.weight_scale" in k for k in changed)
+            experts = [k for k in changed if k.endswith("w3.weight_scale_2")]
+            assert all(float(after[k]) == 16 * float(after[k.replace(".w3.", ".w1.")]) for k in experts)
+            up = {k: v for k, v in after.items() if ".w3." in k}
+            was = {k: v for k, v in before.items() if ".w3." in k}
+            a, b = dequantized_state_dict(_as_modules(up)), dequantized_state_dict(_as_modules(was))
+            assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+
+
+def _as_modules(t: dict) -> dict:
+    """Native expert tensors under names ``dequantized_state_dict`` decodes one by one (no fusing)."""
+    return {k.replace(".ffn.experts.", ".e."): v for k, v in t.items()}
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)

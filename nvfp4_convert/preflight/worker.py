@@ -8,7 +8,7 @@ Imports nothing of nvfp4-convert (the interpreter given to ``preflight --python`
 vLLM, torch and, on the CPU, ``cpu_shims.py`` beside this file.
 
 ``probe`` writes the versions and the hardware: ``{"vllm", "torch", "cuda", "gpus", "gpu", "avx512",
-"vllm_cuda"}`` or ``{"error": ...}`` when vLLM does not import.
+"vllm_cuda", "platform"}`` or ``{"error": ...}`` when vLLM does not import.
 
 ``run`` builds ``vllm.LLM(model=DST, ...)`` as ``serve/vllm-args.sh`` would on that device (CUDA: FP8 KV
 cache, block size 256, the given tensor/expert parallelism; eager mode unless ``--cuda-graphs``, prefix
@@ -60,8 +60,19 @@ def _probe() -> dict:
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
         "capability": list(torch.cuda.get_device_capability(0)) if cuda else None,
         "avx512": bool(getattr(torch.cpu, "_is_avx512_supported", lambda: False)()),
+        "platform": _platform(),
         "python": sys.version.split()[0],
     }
+
+
+def _platform() -> str | None:
+    """The platform this vLLM build runs on (``cuda``, ``cpu``, ``rocm``...), as vLLM itself decides it."""
+    try:
+        from vllm.platforms import current_platform
+
+        return str(current_platform.device_type)
+    except Exception:
+        return None
 
 
 def _missing_cpu_ops() -> list[str]:

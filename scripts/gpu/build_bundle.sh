@@ -10,8 +10,9 @@
 # >= 0.1.11 while vLLM 0.26 pins 0.1.10 (TypeError in load_lib_module). transformers 5.19 (the reference's, as in
 # CI) travels as a wheel beside the chunks: the image has 5.17.
 set -euo pipefail
-WORK=${1:-/work/gpu-bundle}
+WORK=$(realpath -m "${1:-/work/gpu-bundle}")
 CHUNK=${CHUNK:-42M}
+rm -rf "$WORK/wheels" "$WORK/extra"  # never two versions of one package (the last unpacked would win)
 mkdir -p "$WORK/wheels" && cd "$WORK/wheels"
 PLAT=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
       --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_31_x86_64

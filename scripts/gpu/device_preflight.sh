@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # On the device machine, after every chunk is in /root/stash: unpack the bundle once, then run
 #   nvfp4-convert preflight --device cuda --policy P --experts E [--planted-fault F] [more options]
-# for each RUN argument, written NAME=POLICY:EXPERTS[:FAULT][:extra options separated by commas], e.g.
-#   bash scripts/gpu/device_preflight.sh default-nvfp4=default:nvfp4 fault-swap=default:nvfp4:compressor_wkv_wgate_swapped
+# for each RUN argument, written NAME=POLICY:EXPERTS[:FAULT][:OPTIONS] (FAULT "-" for none; OPTIONS words joined
+# by "+", so values may hold commas), e.g.
+#   bash scripts/gpu/device_preflight.sh default-nvfp4=default:nvfp4 fault-swap=default:nvfp4:compressor_wkv_wgate_swapped \
+#        short=default:nvfp4:-:--prompt-lengths+1,4,16
 # Everything comes back in $OUT/<first run name>.tgz: per run its JSON, console output and vLLM's log (every
 # run of this machine so far).
 set -uo pipefail
-if [ ! -d /root/site/vllm ]; then
+if [ ! -d /root/site/vllm ]; then  # unpacked into a temporary folder and renamed: a cut-short unpack is redone
   t0=$(date +%s)
-  cat /root/stash/site.tar.xz.part* | python3 -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('/root')" \
+  rm -rf /root/unpack && mkdir /root/unpack
+  cat /root/stash/site.tar.xz.part* | python3 -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('/root/unpack')" \
     || { echo "bundle incomplete"; exit 3; }
-  for w in /root/stash/*.whl; do [ -e "$w" ] && python3 -m zipfile -e "$w" /root/site; done  # e.g. transformers 5.19
+  for w in /root/stash/*.whl; do [ -e "$w" ] && python3 -m zipfile -e "$w" /root/unpack/site; done  # transformers 5.19
+  rm -rf /root/site && mv /root/unpack/site /root/site
   echo "bundle unpacked in $(( $(date +%s) - t0 )) s"
 fi
 export PYTHONPATH=/root/site:/root/site/nvidia_cutlass_dsl/dsl_packages:$PWD
@@ -24,7 +28,7 @@ for spec in "$@"; do
   [ -n "$first" ] || first=$name
   args=(--device cuda --policy "$policy" --experts "$experts" --workdir "/root/pf/$name" --json "$RES/$name.json")
   [ -n "${fault:-}" ] && [ "$fault" != "-" ] && args+=(--planted-fault "$fault")
-  [ -n "${extra:-}" ] && IFS=, read -r -a more <<<"$extra" && args+=("${more[@]}")
+  [ -n "${extra:-}" ] && IFS=+ read -r -a more <<<"$extra" && args+=("${more[@]}")
   t0=$(date +%s)
   python3 -m nvfp4_convert preflight "${args[@]}" >"$RES/$name.console.txt" 2>&1
   rc=$?

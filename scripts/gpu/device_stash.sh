@@ -6,4 +6,4 @@
 set -euo pipefail
 mkdir -p /root/stash
 cp "${1:-.gpu}"/* /root/stash/
-ls -la /root/stash | tail -n +2
+du -h /root/stash/*
