@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -64,15 +65,27 @@ LinksOpt = Annotated[
 ]
 
 
-def _fail_cleanly(fn: Callable[[], Any]) -> Any:
+def _error(text: str) -> None:
+    """One red line; the text (paths, tensor names) printed literally, never read as Rich markup."""
+    console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+
+def _fail_cleanly(fn: Callable[[], Any], *, on_interrupt: str = "") -> Any:
+    """Run ``fn``; every expected failure is one red line naming the file (and tensor), never a traceback."""
     try:
         return fn()
     except ConvertError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        _error(str(e))
         raise typer.Exit(1) from None
     except ValueError as e:  # bad option values (policy names, sizes)
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        _error(str(e))
         raise typer.Exit(2) from None
+    except OSError as e:
+        _error(f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e))
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        console.print(f"[bold red]interrupted[/]{': ' + on_interrupt if on_interrupt else ''}", highlight=False)
+        raise typer.Exit(130) from None
 
 
 def parse_size(text: str) -> int:
@@ -165,7 +178,8 @@ def run_cmd(
             attention_from,
             io=io,
             allow_outside_links=allow_outside_links,
-        )
+        ),
+        on_interrupt="run the same command again with --resume to continue",
     )
 
 
@@ -400,14 +414,17 @@ def preflight_cmd(
     try:
         result = preflight(opts, say=lambda m: console.print(m, highlight=False))
     except Unavailable as e:
-        console.print(f"[bold red]cannot run:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]cannot run:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except ValueError as e:  # a bad option value: not a verdict
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        _error(str(e))
         raise typer.Exit(2) from None
     except ConvertError as e:  # vLLM failed on the model, or the model could not be built
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        _error(str(e))
         raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/]", highlight=False)
+        raise typer.Exit(130) from None
     _print_preflight(result)
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2))

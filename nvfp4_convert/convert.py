@@ -29,7 +29,15 @@ from .plan import DEFAULT_SHARD_BYTES, Account, Plan, build_plan
 from .policy import Policy
 from .report import REPORT_JSON, REPORT_TEXT, render_text, report_dict
 from .safetensors_io import write_file_atomic
-from .state import STATE_DIR, RunState, dst_status, header_digest, plan_fingerprint
+from .state import (
+    STATE_DIR,
+    RunState,
+    destination_lock,
+    dst_status,
+    header_digest,
+    plan_fingerprint,
+    source_identity,
+)
 
 
 @dataclass
@@ -152,21 +160,49 @@ def run(
         attention_from=attention_from,
         allow_outside_links=allow_outside_links,
     )
-    plan = prep.plan
     if io not in IO_MODES:
         raise ConvertError(f"unknown I/O mode {io!r} (one of {', '.join(IO_MODES)})")
+    if is_same_or_inside(dst, src):  # before anything is created
+        raise ConvertError("destination is the source or inside it; the source is never written", file=dst)
+    if not dst.parent.exists():
+        raise ConvertError("parent directory does not exist", file=dst.parent)
+    created = not dst.exists()
+    if created:
+        try:
+            dst.mkdir()
+        except OSError as e:
+            raise ConvertError(f"cannot create: {e.strerror}", file=dst) from e
+    try:
+        with destination_lock(dst):
+            return _run_locked(src, dst, prep, t0, resume, workers, io, progress, created)
+    except BaseException:
+        if created and dst_status(dst) == "empty":  # refused before a byte was written: leave no trace
+            dst.rmdir()
+        raise
+
+
+def _run_locked(
+    src: Path,
+    dst: Path,
+    prep: Prepared,
+    t0: float,
+    resume: bool,
+    workers: int,
+    io: str,
+    progress: Progress | None,
+    created: bool,
+) -> dict:
+    """``run`` once DST is locked: its state is read and written by this process alone."""
+    plan = prep.plan
     done_bytes = _already_written(dst, plan) if resume else 0
     check_destination(src, dst, resume=resume, needed_bytes=plan.output_bytes - done_bytes)
-    status = dst_status(dst)  # before mkdir: a refused --io leaves DST as it was
-    dst.mkdir(parents=True, exist_ok=True)
-    with RunState(dst, plan_fingerprint(plan), resume=resume) as state:
+    status = "missing" if created else dst_status(dst)
+    with RunState(dst, plan_fingerprint(plan), resume=resume, sources=source_identity(prep.ckpt.shards)) as state:
         try:
             direct = use_direct_io(io, dst / STATE_DIR, plan)  # probed inside the state dir: no stray file
         except ConvertError:
             if status in ("missing", "empty"):  # nothing was written yet: not "unfinished"
                 state.remove()
-                if status == "missing":
-                    dst.rmdir()
             raise
         for stale in dst.glob("*.partial"):  # left by a killed run; never part of a finished shard
             stale.unlink()

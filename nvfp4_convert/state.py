@@ -1,8 +1,10 @@
 """The destination's state while a conversion is under way: lock, plan fingerprint, journal.
 
-A DST being written holds ``.nvfp4-convert/`` with ``lock`` (an exclusive ``flock`` held for the
-whole run), ``plan.json`` (the fingerprint of the plan being executed) and ``journal.jsonl`` (one
-line per finished shard: file, size, sha256 of its header). The report is written last and the
+Before DST's state is even read, ``destination_lock`` takes an exclusive ``flock`` on DST itself, so two
+runs started together can never both pass the checks. A DST being written holds ``.nvfp4-convert/`` with
+``lock`` (an exclusive ``flock`` held for the whole run), ``plan.json`` (the fingerprint of the plan being
+executed and the identity of every source file: size, mtime, inode; ``--resume`` refuses a source that
+changed since) and ``journal.jsonl`` (one line per finished shard: file, size, sha256 of its header). The report is written last and the
 state directory removed after it, so a DST is finished exactly when it has the report and no
 state directory (``dst_status``).
 """
@@ -13,6 +15,8 @@ import fcntl
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ConvertError
@@ -39,6 +43,40 @@ def header_digest(plan_shard_entries: list) -> str:
     return hashlib.sha256(encode_header(plan_shard_entries)).hexdigest()
 
 
+@contextmanager
+def destination_lock(dst: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the DST folder itself (taken before its state is read)."""
+    fd = os.open(dst, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise ConvertError("another nvfp4-convert run holds this destination", file=dst) from e
+        yield
+    finally:
+        os.close(fd)
+
+
+def source_identity(files: list[Path]) -> dict[str, list[int]]:
+    """name -> [size, mtime_ns, inode] of each source file, as the run began."""
+    out = {}
+    for f in files:
+        st = f.stat()
+        out[f.name] = [st.st_size, st.st_mtime_ns, st.st_ino]
+    return out
+
+
+def _changed(recorded: dict[str, list[int]], now: dict[str, list[int]]) -> str | None:
+    for name in sorted(set(recorded) | set(now)):
+        a, b = recorded.get(name), now.get(name)
+        if a is None or b is None:
+            return f"{name} {'appeared' if a is None else 'disappeared'}"
+        what = [w for w, x, y in zip(("size", "mtime", "inode"), a, b, strict=True) if x != y]
+        if what:
+            return f"{name}: {', '.join(what)} changed"
+    return None
+
+
 def dst_status(dst: Path) -> str:
     """``missing`` | ``empty`` | ``finished`` | ``unfinished`` (a run started here and did not end) | ``foreign``."""
     if not dst.exists():
@@ -55,10 +93,13 @@ def dst_status(dst: Path) -> str:
 class RunState:
     """Lock + journal of one DST; use as a context manager around the run."""
 
-    def __init__(self, dst: Path, fingerprint: str, *, resume: bool) -> None:
+    def __init__(
+        self, dst: Path, fingerprint: str, *, resume: bool, sources: dict[str, list[int]] | None = None
+    ) -> None:
         self.dir = dst / STATE_DIR
         self.fingerprint = fingerprint
         self.resume = resume
+        self.sources = sources or {}
         self._lock_fd: int | None = None
 
     def __enter__(self) -> RunState:
@@ -72,15 +113,25 @@ class RunState:
             raise ConvertError("another nvfp4-convert run holds this destination", file=self.dir.parent) from e
         plan_file = self.dir / "plan.json"
         if plan_file.exists():
-            recorded = json.loads(plan_file.read_text()).get("fingerprint")
-            if recorded != self.fingerprint:
+            try:
+                recorded = json.loads(plan_file.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise ConvertError(f"unreadable run state ({e}); start in an empty directory", file=plan_file) from e
+            if recorded.get("fingerprint") != self.fingerprint:
                 raise ConvertError(
                     "an unfinished run with a different plan (source, policy or options) is here; "
                     "use the same options or start in an empty directory",
                     file=self.dir.parent,
                 )
+            changed = _changed(recorded.get("sources", {}), self.sources)
+            if changed:
+                raise ConvertError(
+                    f"the source changed since this run began ({changed}): its finished shards may not match; "
+                    "start again in an empty directory",
+                    file=self.dir.parent,
+                )
         else:
-            plan_file.write_text(json.dumps({"fingerprint": self.fingerprint}))
+            plan_file.write_text(json.dumps({"fingerprint": self.fingerprint, "sources": self.sources}))
         return self
 
     def __exit__(self, *_: object) -> None:

@@ -62,3 +62,35 @@ def test_parse_size():
     assert parse_size("2GiB") == 2 * 2**30
     assert parse_size("150kB") == 150_000
     assert parse_size("123") == 123
+
+
+def test_an_interrupted_run_says_how_to_continue_in_one_line(tmp_path, monkeypatch):
+    import nvfp4_convert.cli as cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "prepare", interrupted)
+    result = runner.invoke(app, ["run", str(REPO_FIXTURE), str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 130
+    assert result.output.strip() == "interrupted: run the same command again with --resume to continue"
+
+
+def test_names_are_printed_literally_not_as_markup(tmp_path):
+    src = tmp_path / "[red]src[blue]"
+    src.mkdir()
+    result = runner.invoke(app, ["plan", str(src)])
+    assert result.exit_code == 1
+    assert "[red]src[blue]" in result.output, result.output
+
+
+def test_an_os_error_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    import nvfp4_convert.cli as cli
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "x.safetensors"))
+
+    monkeypatch.setattr(cli, "prepare", denied)
+    result = runner.invoke(app, ["plan", str(REPO_FIXTURE)])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"error: {tmp_path / 'x.safetensors'}: Permission denied"
