@@ -28,7 +28,7 @@ from .inventory import Inventory, build_inventory
 from .plan import DEFAULT_SHARD_BYTES, Account, Plan, build_plan
 from .policy import Policy
 from .report import REPORT_JSON, REPORT_TEXT, render_text, report_dict
-from .safetensors_io import write_file_atomic
+from .safetensors_io import check_readable, write_file_atomic
 from .state import (
     STATE_DIR,
     RunState,
@@ -223,7 +223,10 @@ def _run_locked(
             todo.append(shard)
         digests = {s.file: header_digest(s.entries) for s in todo}
 
+        names = {s.file: [o.name for o in s.outputs] for s in todo}
+
         def on_done(res: ShardResult) -> None:
+            check_readable(dst / res.file, names[res.file])  # read back by safetensors before it is journalled
             state.record(res.file, res.size, digests[res.file])
 
         try:

@@ -117,6 +117,29 @@ def _check_e4m3_codes(raw: np.ndarray, info: TensorInfo, first: int = 0) -> None
         raise ConvertError(f"block scale {where} is {value}: NaN or negative", file=info.file, tensor=info.name)
 
 
+# e4m3 rounds each normal value within 2^-4 (~2^-5 on average over a tensor); beyond this the half lost its values
+FOLD_MAX_REL_ERROR = 2**-4
+
+
+def fold_block_scales(ws: torch.Tensor, ratio: float, info: TensorInfo) -> torch.Tensor:
+    """``e4m3(ws * ratio)`` (trap 6's gate/up fix), refused by name where the ratio pushes the block scales out of
+    e4m3's range: the folded scales' error, relative over the whole half (blocks weighted by their scale, so
+    near-empty blocks count little), above ``FOLD_MAX_REL_ERROR``; a zeroed half is 100 %."""
+    exact = ws.to(torch.float32) * torch.tensor(ratio, dtype=torch.float32)
+    folded = exact.to(torch.float8_e4m3fn)
+    norm = float(exact.norm())
+    rel = float((folded.to(torch.float32) - exact).norm()) / norm if norm > 0 else 0.0
+    if rel > FOLD_MAX_REL_ERROR:
+        raise ConvertError(
+            f"gate and up global scales differ {1 / ratio:.4g}x: folding them pushes this half's block scales "
+            f"below e4m3's range ({rel:.0%} off): refused; convert with --experts bf16 (exact) or re-export with "
+            "equal global scales",
+            file=info.file,
+            tensor=info.name,
+        )
+    return folded
+
+
 def _bands(rows: int, cols: int) -> Iterator[tuple[int, int]]:
     step = band_rows(cols)
     for r0 in range(0, rows, step):
@@ -150,8 +173,7 @@ def produce(out: OutputTensor, writer: TensorSink, scales: dict[str, list[torch.
     elif out.op == "fold_scale":
         ws = read_tensor(src)
         check_block_scales(ws, src)
-        ratio = torch.tensor(out.value, dtype=torch.float32)
-        writer.write((ws.to(torch.float32) * ratio).to(torch.float8_e4m3fn))
+        writer.write(fold_block_scales(ws, float(out.value or 1.0), src))
     elif out.op == "scalar":
         writer.write(torch.tensor(out.value, dtype=torch.float32).reshape(out.shape))
     else:

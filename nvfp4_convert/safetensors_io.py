@@ -114,9 +114,10 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_len
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if dtype not in DTYPES:
         raise ConvertError(f"unsupported dtype {dtype!r}", file=path, tensor=name)
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+    # type() is int, not isinstance: JSON true/false are Python bools, which isinstance counts as ints
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
         raise ConvertError(f"invalid shape {shape!r}", file=path, tensor=name)
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
         raise ConvertError(f"invalid data_offsets {offsets!r}", file=path, tensor=name)
     begin, end = offsets
     if not 0 <= begin <= end:
@@ -396,3 +397,17 @@ def write_file_atomic(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def check_readable(path: Path, names: list[str]) -> None:
+    """A written shard, opened by the ``safetensors`` library itself, holds exactly ``names`` (else one line)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            got = set(f.keys())
+    except Exception as e:  # safetensors raises its own error types
+        raise ConvertError(f"written shard unreadable by safetensors: {e}", file=path) from e
+    if got != set(names):
+        missing, extra = sorted(set(names) - got)[:3], sorted(got - set(names))[:3]
+        raise ConvertError(f"written shard holds other tensors (missing {missing}, extra {extra})", file=path)

@@ -144,6 +144,14 @@ CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "overlapping tensors": (_header_case(_overlap), "overlaps"),
     "offsets disagree with dtype/shape": (_header_case(_inconsistent), "needs"),
     "unknown dtype": (_header_case(_bad_dtype), "unsupported dtype"),
+    "JSON true as a dimension": (
+        _header_case(lambda h: h[f"{OA}.weight_scale_2"].__setitem__("shape", [True])),
+        "invalid shape",
+    ),
+    "JSON false as an offset": (
+        _header_case(lambda h: h[f"{OA}.weight_scale_2"].__setitem__("data_offsets", [False, 4])),
+        "invalid data_offsets",
+    ),
     "weight_scale not e4m3": (lambda t: _single(t, _set(f"{OA}.weight_scale", torch.ones(128, 4))), "must be F8_E4M3"),
     "weight_scale wrong shape": (
         lambda t: _single(t, _set(f"{OA}.weight_scale", torch.ones(128, 2).to(torch.float8_e4m3fn))),

@@ -149,3 +149,23 @@ def test_scale_check_finds_a_bad_code_wherever_the_chunks_split_the_tensor(bad):
         with pytest.raises(ConvertError, match=rf"block scale \[{bad // 16}, {bad % 16}\] is nan"):
             for lo, hi in ((0, split), (split, len(data))):
                 check(lo, memoryview(data)[lo:hi])
+
+
+def test_a_shard_safetensors_cannot_read_is_never_journalled(tmp_path, monkeypatch):
+    """Each shard is read back by the safetensors library before its journal line: a bad one stops the run."""
+    import nvfp4_convert.convert as convert_mod
+    from nvfp4_convert.errors import ConvertError
+    from nvfp4_convert.safetensors_io import check_readable
+    from nvfp4_convert.state import STATE_DIR, dst_status
+
+    def corrupting(path, names):
+        path.write_bytes(b"\xff" * 16)  # what a torn or foreign write would leave
+        check_readable(path, names)
+
+    monkeypatch.setattr(convert_mod, "check_readable", corrupting)
+    dst = tmp_path / "out"
+    with pytest.raises(ConvertError, match="unreadable by safetensors"):
+        convert_mod.run(REPO_FIXTURE, dst, Policy(), shard_bytes=150_000)
+    assert dst_status(dst) == "unfinished"
+    journal = dst / STATE_DIR / "journal.jsonl"
+    assert not journal.exists() or journal.read_text() == ""

@@ -171,3 +171,19 @@ def test_7_pass_unknown_keeps_it_and_says_so(tmp_path):
     out, report = _convert(src, tmp_path, pass_unknown=True)
     assert torch.equal(out[name.removeprefix("model.")], torch.ones(4, 4))
     assert [t["action"] for t in report["tensors"] if t["source"] == name] == ["passed-unknown"]
+
+
+def test_6_a_fold_that_would_zero_a_half_is_refused_by_name(tmp_path):
+    """A large ratio between the two global scales pushes the smaller half's block scales below e4m3's range:
+    the run refuses naming the tensor instead of writing an expert whose half decodes to (nearly) zero."""
+    from nvfp4_convert.errors import ConvertError
+
+    e = f"{L2}.mlp.experts.1"
+
+    def mismatch(t):
+        t[f"{e}.gate_proj.weight_scale_2"] = t[f"{e}.gate_proj.weight_scale_2"] * 2.0**20
+
+    src_dir = mutated_copy(REPO_FIXTURE, tmp_path / "src", mismatch)
+    with pytest.raises(ConvertError, match=r"differ 1\.049e\+06x: folding them pushes .*refused") as err:
+        _convert(src_dir, tmp_path)
+    assert f"{e}.up_proj.weight_scale" in str(err.value)
