@@ -9,6 +9,7 @@ Modules, one concern each (read them in this order):
 - ``naming``          transformers <-> native DeepSeek names
 - ``codecs``          pure numeric codecs: NVFP4 decode, FP8 ue8m0 block quantization, gate/up fold
 - ``inventory``       every source tensor classified into modules and roles (from dtypes/companions)
+- ``model_shapes``    the tensors and shapes config.json implies; the source checked against them
 - ``policy``          precision presets: which output format each module gets
 - ``plan``            the full list of output tensors, their producers, shards, drops, ignored_layers
 - ``execute``         runs a plan: streams tensors into atomically written shards

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import direct_io
+from . import direct_io, model_shapes
 from .checkpoint import INDEX_NAME, Checkpoint
 from .config_emit import hf_quant_config, vllm_config
 from .errors import ConvertError
@@ -63,6 +63,7 @@ def prepare(
     """Open SRC (and REF), classify, plan and derive the output config (headers and scalar scales only)."""
     ckpt = Checkpoint.open(src, allow_outside_links=allow_outside_links)
     inv = build_inventory(ckpt, pass_unknown=pass_unknown)
+    model_shapes.check(inv, ckpt.config)
     g = graft(ckpt.config, inv, attention_from) if attention_from is not None else None
     plan = build_plan(g.inventory if g else inv, policy, ckpt.path, shard_bytes=shard_bytes)
     if g is not None and attention_from is not None:
