@@ -65,9 +65,14 @@ LinksOpt = Annotated[
 ]
 
 
+def literal(text: str) -> str:
+    """``text`` safe to print on one line: control characters shown as escapes, Rich markup escaped."""
+    return escape("".join(c if c.isprintable() else repr(c)[1:-1] for c in text))
+
+
 def _error(text: str) -> None:
     """One red line; the text (paths, tensor names) printed literally, never read as Rich markup."""
-    console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {literal(text)}", highlight=False, soft_wrap=True)
 
 
 def _fail_cleanly(fn: Callable[[], Any], *, on_interrupt: str = "") -> Any:
@@ -414,7 +419,7 @@ def preflight_cmd(
     try:
         result = preflight(opts, say=lambda m: console.print(m, highlight=False))
     except Unavailable as e:
-        console.print(f"[bold red]cannot run:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]cannot run:[/] {literal(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except ValueError as e:  # a bad option value: not a verdict
         _error(str(e))

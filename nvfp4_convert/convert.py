@@ -235,7 +235,14 @@ def _run_locked(
         except OSError as e:
             raise ConvertError(f"write failed: {e.strerror or e}; free space and rerun with --resume", file=dst) from e
         t_shards = time.monotonic() - t0
-        _write_metadata(prep, dst)
+        try:
+            _write_metadata(prep, dst)
+        except OSError as e:  # the shards are journalled: a rerun with --resume writes only what is missing
+            raise ConvertError(
+                f"writing {Path(e.filename).name if e.filename else 'metadata'} failed: {e.strerror or e}; "
+                "free space and rerun with --resume",
+                file=dst,
+            ) from e
         errors = graft_errors(prep.graft) if prep.graft else None
         timing = {
             "seconds": round(time.monotonic() - t0, 3),

@@ -135,6 +135,10 @@ def test_a_hugging_face_cache_snapshot_converts_into_real_files_and_the_links_ar
     assert any("symlink(s) in the source followed" in n for n in report["notes"])
     files = list(dst.iterdir())
     assert files and not any(p.is_symlink() for p in files)  # real files (or hard links), never a symlink
+    from nvfp4_convert.verify import verify
+
+    result = verify(dst, source=snap)
+    assert result["ok"], [f for f in result["findings"] if not f["ok"]][:3]
 
 
 def test_a_symlink_leaving_the_source_is_refused_by_name_unless_allowed(tmp_path, src):

@@ -94,3 +94,34 @@ def test_an_os_error_is_one_line_naming_the_file(tmp_path, monkeypatch):
     result = runner.invoke(app, ["plan", str(REPO_FIXTURE)])
     assert result.exit_code == 1
     assert result.output.strip() == f"error: {tmp_path / 'x.safetensors'}: Permission denied"
+
+
+def test_control_characters_in_a_name_are_made_visible(tmp_path):
+    src = tmp_path / "evil\nerror: all fine\x1b[2J"
+    src.mkdir()
+    result = runner.invoke(app, ["plan", str(src)])
+    assert result.exit_code == 1
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "evil\\nerror: all fine\\x1b[2J" in lines[0], result.output
+
+
+def test_no_space_for_the_metadata_is_one_line_and_resume_finishes(tmp_path, monkeypatch):
+    import errno
+
+    import nvfp4_convert.convert as convert_mod
+
+    real = convert_mod._write_metadata
+
+    def full(prep, dst):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst / "config.json"))
+
+    dst = tmp_path / "out"
+    monkeypatch.setattr(convert_mod, "_write_metadata", full)
+    result = runner.invoke(app, ["run", str(REPO_FIXTURE), str(dst), "--quiet"])
+    assert result.exit_code == 1
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "writing config.json failed: No space left on device" in lines[0]
+    assert "--resume" in lines[0]
+    monkeypatch.setattr(convert_mod, "_write_metadata", real)
+    result = runner.invoke(app, ["run", str(REPO_FIXTURE), str(dst), "--quiet", "--resume"])
+    assert result.exit_code == 0, result.output
