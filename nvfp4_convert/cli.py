@@ -34,6 +34,7 @@ from .errors import ConvertError
 from .execute import default_workers
 from .inspect import inspect_checkpoint
 from .plan import DEFAULT_SHARD_BYTES, Plan
+from .plots import layer_series, plot_layer_series
 from .policy import Policy
 from .preflight.check import Options as PreflightOptions
 from .preflight.check import Unavailable, preflight
@@ -304,6 +305,9 @@ def verify_cmd(
         float, typer.Option(help="reference: max relative error of x @ W.T")
     ] = Thresholds.max_matmul_rel_error,
     show: Annotated[int, typer.Option(help="rows of the findings table")] = 25,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="with --reference: per-layer error of each module kind (PNG)")
+    ] = None,
     json_out: JsonOpt = None,
 ) -> None:
     """Check a converted checkpoint: structure for vLLM, values vs the source and/or a BF16 reference."""
@@ -330,6 +334,10 @@ def verify_cmd(
         out.print(table)
         if json_out:
             json_out.write_text(json.dumps(result, indent=1))
+        if plot is not None:
+            series = layer_series(result["findings"])
+            plot_layer_series(series, plot, f"{dst.name} vs {reference.name if reference else '?'}")
+            out.print(f"plot: {plot} ({len(series)} module kinds)")
         verdict = "[bold green]PASS[/]" if result["ok"] else f"[bold red]FAIL[/]: {result['failed']} check(s) failed"
         out.print(f"verdict: {verdict}")
         if not result["ok"]:

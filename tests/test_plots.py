@@ -1,0 +1,39 @@
+"""``verify --reference --plot``: one series per module kind, a real PNG."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import REPO_FIXTURE
+from typer.testing import CliRunner
+
+from nvfp4_convert.cli import app
+from nvfp4_convert.plots import layer_series
+
+REF = REPO_FIXTURE.parent / "tiny-dsv4-ref"
+
+
+def test_layer_series_keeps_the_worst_module_of_each_kind_and_layer():
+    findings = [
+        {"check": "vs reference", "tensor": "layers.0.attn.wo_a", "metrics": {"rel_error": 0.1}},
+        {"check": "vs reference", "tensor": "layers.0.ffn.experts.3.w1", "metrics": {"rel_error": 0.2}},
+        {"check": "vs reference", "tensor": "layers.0.ffn.experts.9.w1", "metrics": {"rel_error": 0.3}},
+        {"check": "vs reference", "tensor": "layers.2.attn.wo_a", "metrics": {"rel_error": 0.05}},
+        {"check": "vs source: bytes", "tensor": "layers.1.attn.wo_a", "metrics": {}},
+    ]
+    assert layer_series(findings) == {"attn.wo_a": {0: 0.1, 2: 0.05}, "ffn.experts.w1": {0: 0.3}}
+
+
+def test_verify_plot_writes_a_png_with_one_series_per_module_kind(tmp_path, convert_once):
+    pytest.importorskip("matplotlib")
+    if not REF.exists():
+        pytest.skip("reference fixture not present")
+    dst = convert_once(REPO_FIXTURE, "default", "nvfp4")
+    png = tmp_path / "errors.png"
+    result = CliRunner().invoke(app, ["verify", str(dst), "--reference", str(REF), "--plot", str(png)])
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    kinds = int(result.output.split("plot: ")[1].split("(")[1].split()[0])
+    assert kinds >= 10  # attention, compressors, indexer, shared and routed experts
+    import matplotlib.image
+
+    assert matplotlib.image.imread(png).shape[2] in (3, 4)  # a decodable image
