@@ -8,20 +8,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
+
+from nvfp4_convert.preflight.reference import load_tensors
 
 Tensors = dict[str, torch.Tensor]
 
 
 def load_all(path: Path) -> Tensors:
     """Every tensor of a checkpoint directory, read with safetensors (tiny fixtures only)."""
-    out: Tensors = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(f, "pt") as sf:
-            for k in sf.keys():  # noqa: SIM118 - safe_open is not a mapping
-                out[k] = sf.get_tensor(k)
-    return out
+    return load_tensors(path)
 
 
 def mutated_copy(
