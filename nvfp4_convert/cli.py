@@ -117,6 +117,7 @@ def _print_plan(plan: Plan) -> None:
     for fix in plan.fixes:
         out.print(
             f"  gate/up fix {fix.expert}: w1 {fix.gate_scale_2:g} / w3 {fix.up_scale_2:g} -> {fix.rescaled} x {fix.ratio:.6g}"
+            f" (its block scales {fix.scale_error:.2%} off the exact values)"
         )
     for note in plan.notes:
         out.print(f"[yellow]note:[/] {note}")

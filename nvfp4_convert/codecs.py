@@ -97,6 +97,20 @@ def is_power_of_two(t: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(t) & (t > 0) & (mantissa == 0.5)
 
 
+FOLD_MAX_REL_ERROR = 2**-4  # e4m3 rounds each normal value within 2^-4 (~2^-5 on average over a tensor)
+
+
+def fold_block_scales(ws: torch.Tensor, ratio: float) -> tuple[torch.Tensor, float]:
+    """``e4m3(ws * ratio)`` (trap 6's fix for the half with the smaller global scale) and its error: the folded
+    scales against the exact ``ws * ratio``, relative over the whole half (blocks weighted by their scale, so
+    near-empty blocks count little; a zeroed half is 1.0). Above ``FOLD_MAX_REL_ERROR`` the ratio has pushed the
+    scales out of e4m3's range and the half has lost its values."""
+    exact = ws.to(torch.float32) * torch.tensor(ratio, dtype=torch.float32)
+    folded = exact.to(torch.float8_e4m3fn)
+    norm = float(exact.norm())
+    return folded, (float((folded.to(torch.float32) - exact).norm()) / norm if norm > 0 else 0.0)
+
+
 def fold_global_scales(
     ws_gate: torch.Tensor, ws2_gate: torch.Tensor, ws_up: torch.Tensor, ws2_up: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

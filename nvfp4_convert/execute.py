@@ -29,9 +29,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .codecs import FP8_BLOCK, dequantize_fp8_block, dequantize_nvfp4, quantize_fp8_block
+from .codecs import (
+    FOLD_MAX_REL_ERROR,
+    FP8_BLOCK,
+    dequantize_fp8_block,
+    dequantize_nvfp4,
+    fold_block_scales,
+    quantize_fp8_block,
+)
 from .errors import ConvertError
-from .plan import OutputTensor, Shard
+from .plan import OutputTensor, Shard, fold_refusal
 from .safetensors_io import ShardWriter, TensorInfo, TensorSink, read_rows, read_tensor
 
 BAND_BYTES = 64 * 1024 * 1024  # float32 bytes of one row band of a converted tensor
@@ -117,26 +124,11 @@ def _check_e4m3_codes(raw: np.ndarray, info: TensorInfo, first: int = 0) -> None
         raise ConvertError(f"block scale {where} is {value}: NaN or negative", file=info.file, tensor=info.name)
 
 
-# e4m3 rounds each normal value within 2^-4 (~2^-5 on average over a tensor); beyond this the half lost its values
-FOLD_MAX_REL_ERROR = 2**-4
-
-
-def fold_block_scales(ws: torch.Tensor, ratio: float, info: TensorInfo) -> torch.Tensor:
-    """``e4m3(ws * ratio)`` (trap 6's gate/up fix), refused by name where the ratio pushes the block scales out of
-    e4m3's range: the folded scales' error, relative over the whole half (blocks weighted by their scale, so
-    near-empty blocks count little), above ``FOLD_MAX_REL_ERROR``; a zeroed half is 100 %."""
-    exact = ws.to(torch.float32) * torch.tensor(ratio, dtype=torch.float32)
-    folded = exact.to(torch.float8_e4m3fn)
-    norm = float(exact.norm())
-    rel = float((folded.to(torch.float32) - exact).norm()) / norm if norm > 0 else 0.0
-    if rel > FOLD_MAX_REL_ERROR:
-        raise ConvertError(
-            f"gate and up global scales differ {1 / ratio:.4g}x: folding them pushes this half's block scales "
-            f"below e4m3's range ({rel:.0%} off): refused; convert with --experts bf16 (exact) or re-export with "
-            "equal global scales",
-            file=info.file,
-            tensor=info.name,
-        )
+def checked_fold(ws: torch.Tensor, ratio: float, info: TensorInfo) -> torch.Tensor:
+    """``codecs.fold_block_scales``, refused by name where it would lose the half (planning refuses it first)."""
+    folded, error = fold_block_scales(ws, ratio)
+    if error > FOLD_MAX_REL_ERROR:
+        raise ConvertError(fold_refusal(ratio, error), file=info.file, tensor=info.name)
     return folded
 
 
@@ -173,7 +165,7 @@ def produce(out: OutputTensor, writer: TensorSink, scales: dict[str, list[torch.
     elif out.op == "fold_scale":
         ws = read_tensor(src)
         check_block_scales(ws, src)
-        writer.write(fold_block_scales(ws, float(out.value or 1.0), src))
+        writer.write(checked_fold(ws, float(out.value or 1.0), src))
     elif out.op == "scalar":
         writer.write(torch.tensor(out.value, dtype=torch.float32).reshape(out.shape))
     else:

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from .codecs import fp8_scale_shape
+from .codecs import FOLD_MAX_REL_ERROR, fold_block_scales, fp8_scale_shape
 from .errors import ConvertError
 from .inventory import Inventory, Module, Role
 from .policy import Policy, Target
-from .safetensors_io import OutEntry, TensorInfo
+from .safetensors_io import OutEntry, TensorInfo, read_tensor
 
 DEFAULT_SHARD_BYTES = 5 * 1000**3
 
@@ -74,6 +74,7 @@ class GateUpFix:
     up_scale_2: float
     rescaled: str  # "w1" or "w3"
     ratio: float
+    scale_error: float = 0.0  # the folded block scales against the exact ones, relative over the half
 
 
 @dataclass
@@ -268,7 +269,20 @@ def _gate_up_fix(prefix: str, experts: dict[str, Module]) -> GateUpFix | None:
         return None
     small, big = min(g, u), max(g, u)
     ratio = float(torch.tensor(small, dtype=torch.float32) / torch.tensor(big, dtype=torch.float32))
-    return GateUpFix(prefix, g, u, "w1" if g < u else "w3", ratio)
+    rescaled = "w1" if g < u else "w3"
+    scales = (gate if g < u else up).params["weight_scale"]
+    _, error = fold_block_scales(read_tensor(scales), ratio)  # decided here, before anything is written
+    if error > FOLD_MAX_REL_ERROR:
+        raise ConvertError(fold_refusal(ratio, error), file=scales.file, tensor=scales.name)
+    return GateUpFix(prefix, g, u, rescaled, ratio, error)
+
+
+def fold_refusal(ratio: float, error: float) -> str:
+    return (
+        f"gate and up global scales differ {1 / ratio:.4g}x: folding them pushes this half's block scales "
+        f"below e4m3's range ({error:.0%} off): refused; convert with --experts bf16 (exact) or re-export with "
+        "equal global scales"
+    )
 
 
 def ignore_names(module: Module) -> list[str]:

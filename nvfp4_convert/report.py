@@ -127,7 +127,8 @@ def render_text(plan: Plan, *, width: int = 110, graft_errors: list[dict] | None
     console.print(f"Gate/up global-scale fixes: {len(plan.fixes)}")
     for f in plan.fixes:
         console.print(
-            f"  {f.expert}: w1 {f.gate_scale_2:g}, w3 {f.up_scale_2:g}; {f.rescaled} block scales x {f.ratio:.6g}"
+            f"  {f.expert}: w1 {f.gate_scale_2:g}, w3 {f.up_scale_2:g}; {f.rescaled} block scales x {f.ratio:.6g}, "
+            f"{f.scale_error:.2%} off the exact values"
         )
     for note in plan.notes:
         console.print(f"Note: {note}")

@@ -137,6 +137,7 @@ def test_6_gate_up_global_scales_are_made_equal_and_reported(tmp_path, larger):
         float(src[f"{e}.gate_proj.weight_scale_2"]), float(src[f"{e}.up_proj.weight_scale_2"])
     )
     assert [f["expert"] for f in report["gate_up_fixes"]] == ["layers.2.ffn.experts.1"]
+    assert 0 <= report["gate_up_fixes"][0]["scale_error"] < 2**-5  # the error the fix introduced, reported
     assert report["gate_up_fixes"][0]["rescaled"] == ("w3" if larger == "gate" else "w1")
     for native, tf in ((w1, "gate_proj"), (w3, "up_proj")):
         assert torch.equal(out[f"{native}.weight"], src[f"{e}.{tf}.weight"])  # FP4 codes unchanged
@@ -187,3 +188,4 @@ def test_6_a_fold_that_would_zero_a_half_is_refused_by_name(tmp_path):
     with pytest.raises(ConvertError, match=r"differ 1\.049e\+06x: folding them pushes .*refused") as err:
         _convert(src_dir, tmp_path)
     assert f"{e}.up_proj.weight_scale" in str(err.value)
+    assert not (tmp_path / "out").exists()  # decided while planning: nothing was written
