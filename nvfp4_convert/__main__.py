@@ -1,5 +1,7 @@
 """``python -m nvfp4_convert``: the command line, for interpreters without the console script on PATH."""
 
-from .cli import app
+import sys
 
-app()
+from .cli import main_entry
+
+sys.exit(main_entry())

@@ -7,6 +7,8 @@ Every ``ConvertError`` becomes one red line and exit code 1.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import sys
 import tempfile
@@ -45,6 +47,7 @@ from .verify import Thresholds, verify
 
 app = typer.Typer(
     add_completion=False,
+    pretty_exceptions_enable=False,  # every expected error is one line (main_entry); anything else a plain traceback
     no_args_is_help=True,
     help="Rewrite a ModelOpt NVFP4 DeepSeek-V4 checkpoint into the hybrid checkpoint stock vLLM serves.",
 )
@@ -492,5 +495,32 @@ def main(version: Annotated[bool, typer.Option("--version", help="print the vers
         raise typer.Exit()
 
 
+def _click_classes(name: str) -> tuple[type[BaseException], ...]:
+    """``name`` (UsageError, Abort) of click and of the click that newer Typer releases vendor."""
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        with contextlib.suppress(ImportError, AttributeError):
+            found.append(getattr(importlib.import_module(module), name))
+    return tuple(found)
+
+
+def main_entry() -> int:
+    """The console script: the Typer app, its usage errors (a bad or missing value) one line like every error."""
+    usage_errors, aborts = _click_classes("UsageError"), _click_classes("Abort")
+    try:
+        code = app(standalone_mode=False)
+    except usage_errors as e:
+        ctx = getattr(e, "ctx", None)
+        where = ctx.command_path if ctx is not None else "nvfp4-convert"
+        console.print(
+            f"[bold red]error:[/] {literal(e.format_message())} (see {where} --help)", highlight=False, soft_wrap=True
+        )
+        return 2
+    except (*aborts, KeyboardInterrupt):
+        console.print("[bold red]interrupted[/]", highlight=False)
+        return 130
+    return code if isinstance(code, int) else 0
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+    sys.exit(main_entry())

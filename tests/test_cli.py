@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import REPO_FIXTURE, SHARED_FIXTURE
 from typer.testing import CliRunner
 
@@ -125,3 +126,23 @@ def test_no_space_for_the_metadata_is_one_line_and_resume_finishes(tmp_path, mon
     monkeypatch.setattr(convert_mod, "_write_metadata", real)
     result = runner.invoke(app, ["run", str(REPO_FIXTURE), str(dst), "--quiet", "--resume"])
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "a", "b", "--workers", "abc"], "Invalid value for '--workers'"),
+        (["run"], "Missing argument 'src'"),
+        (["bogus"], "No such command 'bogus'"),
+        (["plan", "a", "--policy", "nope"], "unknown policy 'nope'"),
+    ],
+)
+def test_a_bad_command_line_is_one_line_and_exit_2(args, message):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "nvfp4_convert", *args], capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    assert proc.returncode == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert "Traceback" not in proc.stderr
