@@ -36,7 +36,7 @@ from .errors import ConvertError
 from .execute import default_workers
 from .inspect import inspect_checkpoint
 from .plan import DEFAULT_SHARD_BYTES, Plan
-from .plots import layer_series, plot_layer_series
+from .plots import graft_series, layer_series, plot_layer_series
 from .policy import Policy
 from .preflight.check import Options as PreflightOptions
 from .preflight.check import Unavailable, preflight
@@ -170,13 +170,21 @@ def run_cmd(
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
     attention_from: RefOpt = None,
     allow_outside_links: LinksOpt = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", help="with --attention-from: per-layer error, NVFP4-derived vs grafted (PNG)"),
+    ] = None,
     io: Annotated[
         str, typer.Option(help="auto | direct (O_DIRECT, no page cache) | buffered (page cache, copy_file_range)")
     ] = "auto",
 ) -> None:
     """Convert SRC into a checkpoint stock vLLM serves."""
-    _fail_cleanly(
-        lambda: _run(
+    if plot is not None and attention_from is None:
+        _error("--plot shows what --attention-from changed: give it a reference")
+        raise typer.Exit(2)
+
+    def go() -> None:
+        report = _run(
             src,
             dst,
             Policy(policy, experts),
@@ -188,9 +196,13 @@ def run_cmd(
             attention_from,
             io=io,
             allow_outside_links=allow_outside_links,
-        ),
-        on_interrupt="run the same command again with --resume to continue",
-    )
+        )
+        if plot is not None:
+            panels = graft_series(report.get("graft_errors") or [])
+            plot_layer_series(panels, plot, f"{src.name} grafted from {attention_from.name if attention_from else ''}")
+            out.print(f"plot: {plot}")
+
+    _fail_cleanly(go, on_interrupt="run the same command again with --resume to continue")
 
 
 def _run(
@@ -340,7 +352,7 @@ def verify_cmd(
             json_out.write_text(json.dumps(result, indent=1))
         if plot is not None:
             series = layer_series(result["findings"])
-            plot_layer_series(series, plot, f"{dst.name} vs {reference.name if reference else '?'}")
+            plot_layer_series({"": series}, plot, f"{dst.name} vs {reference.name if reference else '?'}")
             out.print(f"plot: {plot} ({len(series)} module kinds)")
         verdict = "[bold green]PASS[/]" if result["ok"] else f"[bold red]FAIL[/]: {result['failed']} check(s) failed"
         out.print(f"verdict: {verdict}")

@@ -243,7 +243,7 @@ def _run_locked(
                 "free space and rerun with --resume",
                 file=dst,
             ) from e
-        errors = graft_errors(prep.graft) if prep.graft else None
+        errors = graft_errors(prep.graft, {o.name: o.op for o in plan.outputs}) if prep.graft else None
         timing = {
             "seconds": round(time.monotonic() - t0, 3),
             "shards_seconds": round(t_shards, 3),

@@ -9,7 +9,8 @@ Contract:
 - ``graft`` returns the inventory to plan from (REF's modules in place of SRC's) and the SRC
   modules it replaced, which the plan accounts for as dropped with the reason.
 - ``graft_errors`` measures what the graft buys: per module, the NVFP4-derived weight of SRC
-  against REF (relative Frobenius error, cosine).
+  against REF (relative Frobenius error, cosine), and what was written instead (REF in the output
+  format: FP8 with power-of-two block scales, or BF16) against REF.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .checkpoint import Checkpoint
+from .codecs import dequantize_fp8_block, quantize_fp8_block
 from .errors import ConvertError
 from .inventory import Inventory, Module, Role, build_inventory
 from .verify import output_weight, weight_errors
@@ -95,10 +99,29 @@ def graft(src_cfg: dict, src: Inventory, ref_path: Path) -> Graft:
     return Graft(Inventory(src.naming, modules, dict(src.unknown)), replaced, ref)
 
 
-def graft_errors(g: Graft) -> list[dict[str, float | str]]:
-    """Per grafted module: the SRC-derived (NVFP4) weight against REF's."""
-    rows = []
+def graft_errors(g: Graft, output_ops: dict[str, str] | None = None) -> list[dict[str, float | str]]:
+    """Per grafted module: the SRC-derived (NVFP4) weight against REF's; with ``output_ops`` (output tensor name ->
+    plan op: ``fp8_weight`` or ``bf16``) also the written weight (REF in that format) against REF's."""
+    rows: list[dict[str, float | str]] = []
     for m in g.replaced:
-        e = weight_errors(output_weight(m), output_weight(g.reference.modules[m.name]))
-        rows.append({"module": m.name, "source_format": m.format, "rel_error": e["rel_error"], "cosine": e["cosine"]})
+        ref = output_weight(g.reference.modules[m.name])
+        e = weight_errors(output_weight(m), ref)
+        row: dict[str, float | str] = {
+            "module": m.name,
+            "source_format": m.format,
+            "rel_error": e["rel_error"],
+            "cosine": e["cosine"],
+        }
+        op = (output_ops or {}).get(f"{m.name}.weight")
+        if op == "fp8_weight":
+            written = dequantize_fp8_block(*quantize_fp8_block(ref))
+        elif op == "bf16":
+            written = ref.to(torch.bfloat16).float()
+        elif op == "copy":  # REF already in the output format: written as it is
+            written = ref
+        else:
+            written = None
+        if written is not None:
+            row["written_rel_error"] = weight_errors(written, ref)["rel_error"]
+        rows.append(row)
     return rows
