@@ -45,3 +45,32 @@ def convert_once(tmp_path_factory: pytest.TempPathFactory):
         return cache[key]
 
     return convert
+
+
+@pytest.fixture
+def src_unchanged(monkeypatch):
+    """Every checkpoint the tool opens in this test (SRC, REF) is byte-for-byte the same when the test ends.
+
+    Its files are hashed when ``Checkpoint.open`` first sees the folder (after the test built it, before the tool
+    touched it) and again at teardown.
+    """
+    import hashlib
+
+    from nvfp4_convert import checkpoint
+
+    seen: dict[Path, dict[str, str]] = {}
+    original = checkpoint.Checkpoint.open.__func__
+
+    def digest(folder: Path) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+    def recording_open(cls, path, *args, **kwargs):
+        folder = Path(path)
+        if folder.is_dir() and folder not in seen:
+            seen[folder] = digest(folder)
+        return original(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.Checkpoint, "open", classmethod(recording_open))
+    yield seen
+    for folder, before in seen.items():
+        assert digest(folder) == before, f"{folder} changed"

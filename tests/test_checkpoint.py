@@ -24,6 +24,8 @@ from nvfp4_convert.convert import is_same_or_inside, prepare
 from nvfp4_convert.errors import ConvertError
 from nvfp4_convert.policy import Policy
 
+pytestmark = pytest.mark.usefixtures("src_unchanged")  # every SRC the tool opened is unchanged afterwards
+
 
 @pytest.fixture
 def src(tmp_path) -> Path:

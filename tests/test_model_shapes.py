@@ -22,6 +22,8 @@ from nvfp4_convert.model_shapes import expected_shapes
 from nvfp4_convert.naming import native_name
 from nvfp4_convert.policy import Policy
 
+pytestmark = pytest.mark.usefixtures("src_unchanged")  # every SRC the tool opened is unchanged afterwards
+
 E2E_FIXTURE = REPO_FIXTURE.parent / "tiny-dsv4-e2e"
 
 

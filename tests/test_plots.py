@@ -9,6 +9,8 @@ from typer.testing import CliRunner
 from nvfp4_convert.cli import app
 from nvfp4_convert.plots import layer_series
 
+pytestmark = pytest.mark.usefixtures("src_unchanged")  # every SRC the tool opened is unchanged afterwards
+
 REF = REPO_FIXTURE.parent / "tiny-dsv4-ref"
 
 

@@ -18,6 +18,8 @@ from nvfp4_convert.errors import ConvertError
 from nvfp4_convert.policy import Policy
 from nvfp4_convert.state import destination_lock, dst_status
 
+pytestmark = pytest.mark.usefixtures("src_unchanged")  # every SRC the tool opened is unchanged afterwards
+
 DRIVER = Path(__file__).with_name("kill_driver.py")
 
 

@@ -17,6 +17,8 @@ from nvfp4_convert.errors import ConvertError
 from nvfp4_convert.policy import Policy
 from nvfp4_convert.safetensors_io import read_header
 
+pytestmark = pytest.mark.usefixtures("src_unchanged")  # every SRC the tool opened is unchanged afterwards
+
 L2 = "model.layers.2"
 
 
