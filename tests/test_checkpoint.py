@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -58,6 +59,10 @@ def test_plain_names():
     assert not any(is_plain_name(n) for n in ("a/b", "..", ".", "", "x\x00y", 3, ["a"]))
 
 
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
 def _plan_in_subprocess(src: Path) -> subprocess.CompletedProcess:
     """A FIFO opened for reading blocks forever: run in a child with a timeout, so a regression fails, not hangs."""
     return subprocess.run(
@@ -69,7 +74,9 @@ def _plan_in_subprocess(src: Path) -> subprocess.CompletedProcess:
 def test_a_fifo_in_the_source_is_refused_by_name_never_read(src, which):
     (src / which).unlink(missing_ok=True)
     os.mkfifo(src / which)
+    before = _digest(src)
     proc = _plan_in_subprocess(src)
+    assert _digest(src) == before
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "is a FIFO: refused" in proc.stderr and which in proc.stderr
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from conftest import REPO_FIXTURE
 from typer.testing import CliRunner
@@ -31,11 +33,17 @@ def test_verify_plot_writes_a_png_with_one_series_per_module_kind(tmp_path, conv
         pytest.skip("reference fixture not present")
     dst = convert_once(REPO_FIXTURE, "default", "nvfp4")
     png = tmp_path / "errors.png"
-    result = CliRunner().invoke(app, ["verify", str(dst), "--reference", str(REF), "--plot", str(png)])
+    js = tmp_path / "v.json"
+    args = ["verify", str(dst), "--reference", str(REF), "--plot", str(png), "--json", str(js)]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     kinds = int(result.output.split("plot: ")[1].split("(")[1].split()[0])
-    assert kinds >= 10  # attention, compressors, indexer, shared and routed experts
+    import json
+
+    findings = [f for f in json.loads(js.read_text())["findings"] if f["check"] == "vs reference"]
+    expected = {re.sub(r"^layers\.\d+\.|(?<=experts)\.\d+", "", f["tensor"]) for f in findings}
+    assert kinds == len(expected) >= 10  # one series per module kind: attention, compressors, indexer, experts
     import matplotlib.image
 
     assert matplotlib.image.imread(png).shape[2] in (3, 4)  # a decodable image

@@ -50,7 +50,9 @@ def test_two_runs_started_together_never_both_write(tmp_path):
         subprocess.Popen([sys.executable, "-c", code, str(REPO_FIXTURE), str(dst)], stdout=subprocess.PIPE, text=True)
         for _ in range(2)
     ]
+    before = {p.name: p.read_bytes() for p in REPO_FIXTURE.iterdir()}
     outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert {p.name: p.read_bytes() for p in REPO_FIXTURE.iterdir()} == before
     assert sum("WROTE" in o for o in outs) == 1, outs
     assert all("WROTE" in o or "REFUSED" in o for o in outs), outs
     assert dst_status(dst) == "finished"
@@ -65,7 +67,9 @@ def test_resume_refuses_a_source_that_changed_since_the_run_began(tmp_path):
     )
     assert killed.returncode != 0 and dst_status(dst) == "unfinished"
     shard = sorted(src.glob("*.safetensors"))[1]
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # e.g. re-downloaded
     with pytest.raises(ConvertError, match=rf"source changed since this run began \({shard.name}: mtime changed\)"):
         run(src, dst, Policy(), shard_bytes=150_000, resume=True)
     assert dst_status(dst) == "unfinished"
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
