@@ -17,6 +17,7 @@ followed link is listed (``links``: name -> resolved target) for the report.
 from __future__ import annotations
 
 import json
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,8 @@ from .safetensors_io import TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 # Files a conversion writes itself; everything else in SRC is carried over.
-GENERATED_FILES = {INDEX_NAME, "config.json", "hf_quant_config.json"}
+GENERATED_FILES = {INDEX_NAME, "config.json", "hf_quant_config.json", "nvfp4-convert-report.json"}
+GENERATED_FILES |= {"nvfp4-convert-report.txt"}
 # An index of 881 GB in ~100k tensors is ~10 MB; a config a few KB.
 MAX_JSON_BYTES = 64 * 2**20
 
@@ -65,6 +67,9 @@ class Checkpoint:
         for p in sorted(path.iterdir()):
             if p.name.startswith(".") or p.suffix == ".safetensors" or p.name in GENERATED_FILES:
                 continue
+            if p.suffix == ".partial":  # a temporary file (ours or a download's): never carried over
+                subfolders.append(p)
+                continue
             if p.is_dir():
                 subfolders.append(p)
             else:
@@ -77,17 +82,31 @@ class Checkpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
 
+_BLOB_NAME = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")  # a Hugging Face cache blob: git or sha256 hash
+
+
 def _checked_links(path: Path, allow_outside: bool) -> dict[str, str]:
-    """Every symlink at SRC's top level (where all it reads lives) -> its target, refusing ones that leave SRC."""
+    """Every symlink at SRC's top level (where all it reads lives) -> its target, refusing ones that leave SRC.
+
+    A Hugging Face cache snapshot's link is followed when it resolves to a file named by a hash directly in the
+    repository's real (not symlinked) ``blobs/`` folder.
+    """
     root = path.resolve()
-    blobs = (path / ".." / ".." / "blobs").resolve() if path.resolve().parent.name == "snapshots" else None
+    repo = root.parent.parent
+    blobs = repo / "blobs" if root.parent.name == "snapshots" else None
+    if blobs is not None and (blobs.is_symlink() or not blobs.is_dir()):
+        blobs = None
     links: dict[str, str] = {}
     for p in sorted(path.iterdir()):
         if not p.is_symlink():
             continue
-        target = p.resolve()
-        inside = root in target.parents or (blobs is not None and blobs in target.parents)
-        if not inside and not allow_outside:
+        try:
+            target = p.resolve(strict=True)
+        except (OSError, RuntimeError) as e:  # dangling, or a loop
+            raise ConvertError(f"symlink that does not resolve: {e}", file=p) from None
+        inside = root in target.parents
+        cached = blobs is not None and target.parent == blobs.resolve() and bool(_BLOB_NAME.match(target.name))
+        if not (inside or cached or allow_outside):
             raise ConvertError(
                 f"symlink to {target}, outside the source folder: refused (--allow-outside-links follows it)", file=p
             )

@@ -69,7 +69,8 @@ def prepare(
     if g is not None and attention_from is not None:
         mark_grafted(plan, g, attention_from)
     for d in ckpt.subfolders:
-        plan.notes.append(f"subfolder {d.name}/ of the source is not carried over (not part of the checkpoint)")
+        what = "temporary file" if d.suffix == ".partial" else "subfolder"
+        plan.notes.append(f"{what} {d.name} of the source is not carried over (not part of the checkpoint)")
     if ckpt.links:
         plan.followed_links = ckpt.links
         plan.notes.append(f"{len(ckpt.links)} symlink(s) in the source followed (the report's followed_links)")
@@ -173,11 +174,14 @@ def run(
             dst.mkdir()
         except OSError as e:
             raise ConvertError(f"cannot create: {e.strerror}", file=dst) from e
+    locked = False
     try:
         with destination_lock(dst):
+            locked = True
             return _run_locked(src, dst, prep, t0, resume, workers, io, progress, created)
     except BaseException:
-        if created and dst_status(dst) == "empty":  # refused before a byte was written: leave no trace
+        # refused before a byte was written: leave no trace (never for a DST another run holds)
+        if created and locked and dst_status(dst) == "empty":
             dst.rmdir()
         raise
 

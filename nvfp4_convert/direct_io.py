@@ -67,7 +67,8 @@ class DirectFile:
         self._lock = threading.Lock()
         self._written = 0  # bytes handed to pwrite (each byte exactly once): must reach ``size``
         self._block = memoryview(mmap.mmap(-1, BLOCK))  # aligned copy of one assembled block
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+        path.unlink(missing_ok=True)  # never open (and truncate) what a stale name leads to
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_DIRECT, 0o644)
 
     def pwrite(self, data: memoryview, offset: int) -> None:
         """Write ``data`` at ``offset``: whole blocks now, shared blocks once they are complete."""

@@ -221,7 +221,7 @@ class ShardWriter:
         self.size = pos
         self.written: dict[str, int] = dict.fromkeys(self.entries, 0)
         self.direct = DirectFile(self.partial, self.size) if direct else None
-        self.fd = self.direct.fd if self.direct else os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.fd = self.direct.fd if self.direct else create_new(self.partial)
         self.pwrite(memoryview(header), 0)
 
     def __enter__(self) -> ShardWriter:
@@ -388,10 +388,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def create_new(path: Path, extra_flags: int = 0) -> int:
+    """A write descriptor on a brand-new file at ``path``: whatever was there (a stale temp file, or a hard link or
+    symlink that leads into SRC) is unlinked first, never opened and truncated."""
+    path.unlink(missing_ok=True)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | extra_flags, 0o644)
+
+
 def write_file_atomic(path: Path, data: bytes) -> None:
     """Write a small file under a temporary name, fsync, rename into place."""
     tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
+    with os.fdopen(create_new(tmp), "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

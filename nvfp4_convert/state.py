@@ -103,7 +103,7 @@ class RunState:
         self._lock_fd: int | None = None
 
     def __enter__(self) -> RunState:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(exist_ok=True)  # DST itself exists and is locked: never recreate it
         self._lock_fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -91,7 +91,7 @@ def test_subfolders_are_reported_as_not_carried_over(src):
     (src / "inference").mkdir()
     (src / "inference" / "model.py").write_text("# the release's code\n")
     plan = prepare(src, Policy()).plan
-    assert any("subfolder inference/" in n and "not carried over" in n for n in plan.notes), plan.notes
+    assert any("subfolder inference" in n and "not carried over" in n for n in plan.notes), plan.notes
 
 
 def test_dst_is_src_whatever_path_names_it(tmp_path, src):
@@ -168,4 +168,55 @@ def test_a_shard_linked_from_outside_is_refused_before_it_is_opened(tmp_path, sr
     shard.rename(moved)
     shard.symlink_to(moved)
     with pytest.raises(ConvertError, match="outside the source folder"):
+        Checkpoint.open(src)
+
+
+def test_a_partial_file_in_the_source_is_never_opened_for_writing(tmp_path, src):
+    """A SRC holding ``nvfp4-convert-report.json.partial`` (or any ``*.partial``): carrying it over as a hard link
+    would make our temporary file SRC's inode; it is not carried over, and temp files are created anew anyway."""
+    from nvfp4_convert.convert import run
+
+    bait = src / "nvfp4-convert-report.json.partial"
+    bait.write_text("the user's own data\n")
+    report = run(src, tmp_path / "dst", Policy())
+    assert bait.read_text() == "the user's own data\n"
+    assert any("temporary file nvfp4-convert-report.json.partial" in n for n in report["notes"])
+
+
+def test_temporary_files_are_created_anew_never_through_a_link(tmp_path):
+    from nvfp4_convert.safetensors_io import write_file_atomic
+
+    precious = tmp_path / "precious"
+    precious.write_text("keep")
+    out = tmp_path / "out.json"
+    (tmp_path / "out.json.partial").symlink_to(precious)
+    write_file_atomic(out, b"{}")
+    os.link(precious, tmp_path / "again.json.partial")
+    write_file_atomic(tmp_path / "again.json", b"{}")
+    assert precious.read_text() == "keep" and out.read_bytes() == b"{}"
+
+
+def test_a_cache_whose_blobs_folder_is_a_link_elsewhere_is_not_trusted(tmp_path):
+    """``blobs -> /somewhere`` would make any file there look like a cache blob: only a real blobs/ folder is."""
+    snap = _hf_cache_snapshot(tmp_path)
+    blobs = snap.parent.parent / "blobs"
+    elsewhere = tmp_path / "elsewhere"
+    blobs.rename(elsewhere)
+    blobs.symlink_to(elsewhere)
+    with pytest.raises(ConvertError, match="outside the source folder: refused"):
+        Checkpoint.open(snap)
+
+
+def test_a_link_into_blobs_that_is_not_a_blob_is_refused(tmp_path):
+    snap = _hf_cache_snapshot(tmp_path)
+    blobs = snap.parent.parent / "blobs"
+    (blobs / "not-a-hash").write_text("{}")
+    (snap / "extra.json").symlink_to(Path("..") / ".." / "blobs" / "not-a-hash")
+    with pytest.raises(ConvertError, match="outside the source folder: refused"):
+        Checkpoint.open(snap)
+
+
+def test_a_symlink_loop_is_one_line(src):
+    (src / "loop.json").symlink_to(src / "loop.json")
+    with pytest.raises(ConvertError, match="does not resolve"):
         Checkpoint.open(src)
