@@ -175,11 +175,11 @@ def _read_json(path: Path) -> dict:
             f"{size} bytes: larger than the {MAX_JSON_BYTES >> 20} MiB a JSON file here may be", file=path
         )
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes())
     except OSError as e:
         raise ConvertError(f"cannot read: {e.strerror}", file=path) from e
-    except json.JSONDecodeError as e:
-        raise ConvertError(f"invalid JSON: {e}", file=path) from e
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a huge integer, absurd nesting
+        raise ConvertError(f"invalid JSON: {str(e)[:200]}", file=path) from None
     if not isinstance(data, dict):
         raise ConvertError("not a JSON object", file=path)
     return data

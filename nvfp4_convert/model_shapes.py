@@ -123,11 +123,31 @@ def _logical_shape(m: Module) -> tuple[int, ...]:
     return tuple(m.shape) if m.format != "tensor" else tuple(m.params[""].shape)
 
 
+def _counts_match(inv: Inventory, config: dict[str, Any]) -> None:
+    """Layer and expert counts first: cheap, and they bound what ``expected_shapes`` builds (a hostile config)."""
+    layers = {m.layer for m in inv.modules.values() if m.layer is not None and not m.name.startswith("mtp.")}
+    experts = {int(e) for ids in inv.experts().values() for e in ids}
+    for key, have, what in (
+        ("num_hidden_layers", 1 + max(layers, default=-1), "layers"),
+        ("n_routed_experts", 1 + max(experts, default=-1), "routed experts"),
+    ):
+        value = config.get(key)
+        if type(value) is not int or value < 0:
+            raise ConvertError(f"{key} is {value!r}, not a count", file="config.json")
+        if value != have:
+            raise ConvertError(f"{key} is {value}, the source has {have} {what}", file="config.json")
+
+
 def check(inv: Inventory, config: dict[str, Any]) -> None:
     """Refuse, naming the tensor, a source whose tensors are not those ``config`` implies (MTP not checked)."""
+    _counts_match(inv, config)
+    try:
+        expected = expected_shapes(config)
+    except (TypeError, ValueError, AttributeError, KeyError) as e:  # a config value of the wrong type
+        raise ConvertError(f"cannot derive the model's tensors: {type(e).__name__}: {e}", file="config.json") from None
     want: dict[str, tuple[int, ...]] = {}
     source_name: dict[str, str] = {}
-    for tf_name, shape in expected_shapes(config).items():
+    for tf_name, shape in expected.items():
         native = native_name(tf_name, "transformers")
         assert native is not None, tf_name  # every rule above has a native name (tested)
         key = native.removesuffix(".weight") if native.removesuffix(".weight") in inv.modules else native

@@ -144,6 +144,10 @@ CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "overlapping tensors": (_header_case(_overlap), "overlaps"),
     "offsets disagree with dtype/shape": (_header_case(_inconsistent), "needs"),
     "unknown dtype": (_header_case(_bad_dtype), "unsupported dtype"),
+    "a list as dtype": (
+        _header_case(lambda h: h[f"{OA}.weight_scale_2"].__setitem__("dtype", [])),
+        "unsupported dtype",
+    ),
     "JSON true as a dimension": (
         _header_case(lambda h: h[f"{OA}.weight_scale_2"].__setitem__("shape", [True])),
         "invalid shape",

@@ -220,3 +220,15 @@ def test_a_symlink_loop_is_one_line(src):
     (src / "loop.json").symlink_to(src / "loop.json")
     with pytest.raises(ConvertError, match="does not resolve"):
         Checkpoint.open(src)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"[" * 100_000 + b"]" * 100_000, b'{"model_type": "deepseek_v4", "x": 1' + b"9" * 5000 + b"}", b"\xff\xfe{}"],
+    ids=["deep nesting", "5000-digit integer", "not UTF-8"],
+)
+def test_hostile_json_is_one_line_naming_the_file(src, content):
+    (src / "config.json").write_bytes(content)
+    with pytest.raises(ConvertError, match=r"invalid JSON|not a JSON object") as e:
+        Checkpoint.open(src)
+    assert "config.json" in str(e.value)
