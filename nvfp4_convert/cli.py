@@ -108,7 +108,7 @@ def parse_size(text: str) -> int:
 
 
 def _print_plan(plan: Plan) -> None:
-    out.print(f"[bold]{plan.source}[/] ({plan.naming} names)")
+    out.print(f"[bold]{literal(str(plan.source))}[/] ({plan.naming} names)")
     out.print(plan.policy.describe())
     for table in summary_tables(plan):
         out.print(table)
@@ -123,7 +123,7 @@ def _print_plan(plan: Plan) -> None:
             f" (its block scales {fix.scale_error:.2%} off the exact values)"
         )
     for note in plan.notes:
-        out.print(f"[yellow]note:[/] {note}")
+        out.print(f"[yellow]note:[/] {literal(note)}")
 
 
 @app.command("plan")
@@ -200,7 +200,7 @@ def run_cmd(
         if plot is not None:
             panels = graft_series(report.get("graft_errors") or [])
             plot_layer_series(panels, plot, f"{src.name} grafted from {attention_from.name if attention_from else ''}")
-            out.print(f"plot: {plot}")
+            out.print(f"plot: {literal(str(plot))}")
 
     _fail_cleanly(go, on_interrupt="run the same command again with --resume to continue")
 
@@ -258,7 +258,7 @@ def _run(
         f"[green]done[/]: {t['input_tensors']} input tensors -> {t['output_tensors']} output tensors, "
         f"{t['output_bytes'] / 1e9:.3f} GB in {t['shards']} shard(s), {secs:.1f} s "
         f"({t['output_bytes'] / 1e9 / max(secs, 1e-9):.2f} GB/s, {report['timing']['io']} I/O); "
-        f"report: {dst / 'nvfp4-convert-report.txt'}"
+        f"report: {literal(str(dst / 'nvfp4-convert-report.txt'))}"
     )
     return report
 
@@ -292,9 +292,9 @@ def inspect_cmd(
         if info["bad_scales"] is not None:
             out.print(f"block-scale tensors with NaN/Inf/negative/zero entries: {len(info['bad_scales'])}")
             for b in info["bad_scales"][:20]:
-                out.print(f"  {b}")
+                out.print(f"  {literal(str(b))}")
         if info["unknown_tensors"]:
-            out.print(f"[yellow]tensors matching no naming rule:[/] {info['unknown_tensors'][:20]}")
+            out.print(f"[yellow]tensors matching no naming rule:[/] {literal(str(info['unknown_tensors'][:20]))}")
         if info["status"] == "unfinished conversion":
             out.print("[bold red]this is an UNFINISHED conversion: resume it with `nvfp4-convert run ... --resume`[/]")
         if json_out:
@@ -336,7 +336,9 @@ def verify_cmd(
             sample=sample,
             thresholds=Thresholds(max_rel_error, min_cosine, max_matmul_rel_error),
         )
-        table = Table(title=f"verify {dst}: {result['checks']} checks, {result['failed']} failed (worst first)")
+        table = Table(
+            title=f"verify {literal(str(dst))}: {result['checks']} checks, {result['failed']} failed (worst first)"
+        )
         for col in ("", "check", "tensor", "detail"):
             table.add_column(col)
         for f in result["findings"][:show]:
@@ -344,8 +346,8 @@ def verify_cmd(
             table.add_row(
                 "[green]ok[/]" if f["ok"] else "[red]FAIL[/]",
                 f["check"],
-                f["tensor"],
-                " ".join(x for x in (f["detail"], metrics) if x),
+                literal(f["tensor"]),
+                literal(" ".join(x for x in (f["detail"], metrics) if x)),
             )
         out.print(table)
         if json_out:
@@ -353,7 +355,7 @@ def verify_cmd(
         if plot is not None:
             series = layer_series(result["findings"])
             plot_layer_series({"": series}, plot, f"{dst.name} vs {reference.name if reference else '?'}")
-            out.print(f"plot: {plot} ({len(series)} module kinds)")
+            out.print(f"plot: {literal(str(plot))} ({len(series)} module kinds)")
         verdict = "[bold green]PASS[/]" if result["ok"] else f"[bold red]FAIL[/]: {result['failed']} check(s) failed"
         out.print(f"verdict: {verdict}")
         if not result["ok"]:
@@ -374,7 +376,7 @@ def demo_cmd(
         )
         raise typer.Exit(1)
     dst = Path(tempfile.mkdtemp(prefix="nvfp4-convert-demo-")) / "out"
-    out.print(f"[bold]demo[/]: {DEMO_FIXTURE} -> {dst}")
+    out.print(f"[bold]demo[/]: {literal(str(DEMO_FIXTURE))} -> {literal(str(dst))}")
 
     def go() -> None:
         prep = prepare(DEMO_FIXTURE, Policy(policy, experts))
@@ -494,7 +496,7 @@ def _print_preflight(r: dict) -> None:
         )
     out.print(table)
     for line in r["backends"][:12]:
-        out.print(f"  [dim]{line}[/]", highlight=False)
+        out.print(f"  [dim]{literal(line)}[/]", highlight=False)
     fault = f" (planted fault {r['planted_fault']})" if r["planted_fault"] else ""
     colour = "green" if r["verdict"] == "PASS" else "red"
     out.print(f"verdict: [bold {colour}]{r['verdict']}[/]{fault}")

@@ -110,7 +110,8 @@ def summary_tables(plan: Plan) -> list[Table]:
 
 def render_text(plan: Plan, *, width: int = 110, graft_errors: list[dict] | None = None) -> str:
     """The readable report (plain text, no colour)."""
-    console = Console(width=width, record=True, file=open("/dev/null", "w"), color_system=None)  # noqa: SIM115
+    # markup off: paths, notes and tensor names are printed literally (a "[/x]" in a path is text, not a tag)
+    console = Console(width=width, record=True, file=open("/dev/null", "w"), color_system=None, markup=False)  # noqa: SIM115
     console.print(f"nvfp4-convert: {plan.source} ({plan.naming} names)")
     console.print(plan.policy.describe())
     console.print(

@@ -146,3 +146,19 @@ def test_a_bad_command_line_is_one_line_and_exit_2(args, message):
     assert proc.returncode == 2, lines
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert "Traceback" not in proc.stderr
+
+
+def test_a_run_and_its_report_with_markup_in_both_paths_finish(tmp_path):
+    """Rich markup (``[bold]``) in SRC and DST paths: the report's text, the summary line and the notes print it as text."""
+    import shutil
+
+    src = tmp_path / "src[bold]x"
+    shutil.copytree(REPO_FIXTURE, src)
+    (src / "sub[red]y").mkdir()
+    dst = tmp_path / "dst[red]z"
+    result = runner.invoke(app, ["run", str(src), str(dst), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "dst[red]z" in result.output.replace("\n", "")
+    assert "src[bold]x" in (dst / "nvfp4-convert-report.txt").read_text()
+    plan = runner.invoke(app, ["plan", str(src)])
+    assert plan.exit_code == 0 and "sub[red]y" in plan.output
