@@ -36,7 +36,7 @@ from .errors import ConvertError
 from .execute import default_workers
 from .inspect import inspect_checkpoint
 from .plan import DEFAULT_SHARD_BYTES, Plan
-from .plots import graft_series, layer_series, plot_layer_series
+from .plots import graft_series, layer_series, plot_layer_series, require_matplotlib
 from .policy import Policy
 from .preflight.check import Options as PreflightOptions
 from .preflight.check import Unavailable, preflight
@@ -182,6 +182,8 @@ def run_cmd(
     if plot is not None and attention_from is None:
         _error("--plot shows what --attention-from changed: give it a reference")
         raise typer.Exit(2)
+    if plot is not None:
+        _fail_cleanly(require_matplotlib)
 
     def go() -> None:
         report = _run(
@@ -524,6 +526,8 @@ def main_entry() -> int:
     try:
         code = app(standalone_mode=False)
     except usage_errors as e:
+        if not e.format_message():  # no arguments at all: the help was printed, nothing to add
+            return 2
         ctx = getattr(e, "ctx", None)
         where = ctx.command_path if ctx is not None else "nvfp4-convert"
         console.print(

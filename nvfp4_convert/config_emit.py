@@ -36,8 +36,13 @@ def compress_ratios(config: dict[str, Any]) -> list[int]:
     n_layers = config.get("num_hidden_layers")
     n_mtp = int(config.get("num_nextn_predict_layers") or 0)
     if "layer_types" in config:
+        rates = config.get("compress_rates") or {}  # the source's own rates, where it states them
+        table = {
+            **COMPRESS_RATIO,
+            **{t: int(r) for t, r in rates.items() if t in COMPRESS_RATIO and t != "sliding_attention"},
+        }
         try:
-            ratios = [COMPRESS_RATIO[t] for t in config["layer_types"]]
+            ratios = [table[t] for t in config["layer_types"]]
         except KeyError as e:
             raise ConvertError(f"unknown layer type {e.args[0]!r} in layer_types", file="config.json") from e
         return ratios + [0] * n_mtp

@@ -64,7 +64,11 @@ def prepare(
     ckpt = Checkpoint.open(src, allow_outside_links=allow_outside_links)
     inv = build_inventory(ckpt, pass_unknown=pass_unknown)
     model_shapes.check(inv, ckpt.config)
-    g = graft(ckpt.config, inv, attention_from) if attention_from is not None else None
+    g = (
+        graft(ckpt.config, inv, attention_from, allow_outside_links=allow_outside_links)
+        if attention_from is not None
+        else None
+    )
     plan = build_plan(g.inventory if g else inv, policy, ckpt.path, shard_bytes=shard_bytes)
     if g is not None and attention_from is not None:
         mark_grafted(plan, g, attention_from)
@@ -202,7 +206,8 @@ def _run_locked(
     done_bytes = _already_written(dst, plan) if resume else 0
     check_destination(src, dst, resume=resume, needed_bytes=plan.output_bytes - done_bytes)
     status = "missing" if created else dst_status(dst)
-    with RunState(dst, plan_fingerprint(plan), resume=resume, sources=source_identity(prep.ckpt.shards)) as state:
+    inputs = prep.ckpt.shards + (prep.graft.shards if prep.graft else [])
+    with RunState(dst, plan_fingerprint(plan), resume=resume, sources=source_identity(inputs)) as state:
         try:
             direct = use_direct_io(io, dst / STATE_DIR, plan)  # probed inside the state dir: no stray file
         except ConvertError:
@@ -239,14 +244,6 @@ def _run_locked(
         except OSError as e:
             raise ConvertError(f"write failed: {e.strerror or e}; free space and rerun with --resume", file=dst) from e
         t_shards = time.monotonic() - t0
-        try:
-            _write_metadata(prep, dst)
-        except OSError as e:  # the shards are journalled: a rerun with --resume writes only what is missing
-            raise ConvertError(
-                f"writing {Path(e.filename).name if e.filename else 'metadata'} failed: {e.strerror or e}; "
-                "free space and rerun with --resume",
-                file=dst,
-            ) from e
         errors = graft_errors(prep.graft, {o.name: o.op for o in plan.outputs}) if prep.graft else None
         timing = {
             "seconds": round(time.monotonic() - t0, 3),
@@ -254,8 +251,16 @@ def _run_locked(
             "io": "direct" if direct else "buffered",
         }
         report = report_dict(plan, dst=str(dst), timing=timing, graft_errors=errors)
-        write_file_atomic(dst / REPORT_TEXT, render_text(plan, graft_errors=errors).encode())
-        write_file_atomic(dst / REPORT_JSON, json.dumps(report, indent=1).encode())
+        try:
+            _write_metadata(prep, dst)
+            write_file_atomic(dst / REPORT_TEXT, render_text(plan, graft_errors=errors).encode())
+            write_file_atomic(dst / REPORT_JSON, json.dumps(report, indent=1).encode())
+        except OSError as e:  # the shards are journalled: a rerun with --resume writes only what is missing
+            raise ConvertError(
+                f"writing {Path(e.filename).name if e.filename else 'metadata'} failed: {e.strerror or e}; "
+                "free space and rerun with --resume",
+                file=dst,
+            ) from e
         state.remove()
     return report
 

@@ -15,7 +15,7 @@ Contract:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -49,10 +49,11 @@ class Graft:
     inventory: Inventory  # what to plan from
     replaced: list[Module]  # SRC modules whose tensors are dropped
     reference: Inventory
+    shards: list[Path] = field(default_factory=list)  # REF's files (their identity guards --resume)
 
 
-def open_reference(ref: Path) -> tuple[Checkpoint, Inventory]:
-    ckpt = Checkpoint.open(ref, require_config=False)
+def open_reference(ref: Path, *, allow_outside_links: bool = False) -> tuple[Checkpoint, Inventory]:
+    ckpt = Checkpoint.open(ref, require_config=False, allow_outside_links=allow_outside_links)
     # REF's fused experts (transformers' gate_up_proj/down_proj) match no per-expert rule: not needed.
     return ckpt, build_inventory(ckpt, pass_unknown=True)
 
@@ -87,8 +88,8 @@ def check_reference(src_cfg: dict, ref_ckpt: Checkpoint, src: Inventory, ref: In
             )
 
 
-def graft(src_cfg: dict, src: Inventory, ref_path: Path) -> Graft:
-    ref_ckpt, ref = open_reference(ref_path)
+def graft(src_cfg: dict, src: Inventory, ref_path: Path, *, allow_outside_links: bool = False) -> Graft:
+    ref_ckpt, ref = open_reference(ref_path, allow_outside_links=allow_outside_links)
     check_reference(src_cfg, ref_ckpt, src, ref)
     modules = dict(src.modules)
     replaced = []
@@ -96,7 +97,7 @@ def graft(src_cfg: dict, src: Inventory, ref_path: Path) -> Graft:
         if m.format != "tensor" and m.role in GRAFTED_ROLES:
             modules[name] = ref.modules[name]
             replaced.append(m)
-    return Graft(Inventory(src.naming, modules, dict(src.unknown)), replaced, ref)
+    return Graft(Inventory(src.naming, modules, dict(src.unknown)), replaced, ref, list(ref_ckpt.shards))
 
 
 def graft_errors(g: Graft, output_ops: dict[str, str] | None = None) -> list[dict[str, float | str]]:

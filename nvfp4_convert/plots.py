@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import ConvertError
 
-_LAYER = re.compile(r"^(?:layers|mtp)\.(\d+)\.(.*)$")
+_LAYER = re.compile(r"^layers\.(\d+)\.(.*)$")  # decoder layers (an MTP block is not one of them)
 
 
 Series = dict[str, dict[int, float]]
@@ -46,6 +46,14 @@ def graft_series(rows: list[dict]) -> dict[str, Series]:
         if "written_rel_error" in r:
             _add(written, r["module"], float(r["written_rel_error"]))
     return {"NVFP4-derived": dict(sorted(derived.items())), "grafted (written)": dict(sorted(written.items()))}
+
+
+def require_matplotlib() -> None:
+    """Refuse ``--plot`` at once where matplotlib is missing (not after an hour of converting)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ConvertError("--plot needs matplotlib: pip install 'nvfp4-convert[plot]'") from None
 
 
 def plot_layer_series(panels: dict[str, Series], path: Path, title: str, metric: str = "rel_error") -> None:

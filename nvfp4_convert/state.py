@@ -58,11 +58,11 @@ def destination_lock(dst: Path) -> Iterator[None]:
 
 
 def source_identity(files: list[Path]) -> dict[str, list[int]]:
-    """name -> [size, mtime_ns, inode] of each source file, as the run began."""
+    """Resolved path -> [size, mtime_ns, inode] of each file read (SRC's shards, REF's), as the run began."""
     out = {}
     for f in files:
         st = f.stat()
-        out[f.name] = [st.st_size, st.st_mtime_ns, st.st_ino]
+        out[str(f.resolve())] = [st.st_size, st.st_mtime_ns, st.st_ino]
     return out
 
 

@@ -168,3 +168,9 @@ def test_rope_that_has_no_flat_form_is_kept_nested():
     src = json.loads(E2E_CONFIG.read_text())
     src["rope_parameters"]["compress"]["partial_rotary_factor"] = 0.25  # differs from the top-level factor
     assert vllm_config(src, [])["rope_parameters"] == src["rope_parameters"]
+
+
+def test_compress_ratios_follow_the_sources_own_compress_rates():
+    src = json.loads(E2E_CONFIG.read_text())
+    src["compress_rates"] = {"compressed_sparse_attention": 8, "heavily_compressed_attention": 64}
+    assert compress_ratios(src) == [0, 8, 64]

@@ -84,3 +84,8 @@ def test_run_attention_from_plot_writes_a_png_and_the_written_errors(tmp_path):
 def test_plot_without_a_reference_is_refused_in_one_line(tmp_path):
     result = CliRunner().invoke(app, ["run", str(REPO_FIXTURE), str(tmp_path / "o"), "--plot", str(tmp_path / "p.png")])
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "--attention-from" in result.output
+
+
+def test_an_mtp_block_is_not_drawn_as_layer_0():
+    findings = [{"check": "vs reference", "tensor": "mtp.0.attn.wo_a", "metrics": {"rel_error": 0.5}}]
+    assert layer_series(findings) == {}

@@ -69,7 +69,7 @@ def test_resume_refuses_a_source_that_changed_since_the_run_began(tmp_path):
     shard = sorted(src.glob("*.safetensors"))[1]
     before = {p.name: p.read_bytes() for p in src.iterdir()}
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # e.g. re-downloaded
-    with pytest.raises(ConvertError, match=rf"source changed since this run began \({shard.name}: mtime changed\)"):
+    with pytest.raises(ConvertError, match=rf"source changed since this run began \(.*{shard.name}: mtime changed\)"):
         run(src, dst, Policy(), shard_bytes=150_000, resume=True)
     assert dst_status(dst) == "unfinished"
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before
