@@ -35,7 +35,7 @@ from .convert import Prepared, prepare, run
 from .errors import ConvertError
 from .execute import default_workers
 from .inspect import inspect_checkpoint
-from .plan import DEFAULT_SHARD_BYTES, Plan
+from .plan import Plan
 from .plots import graft_series, layer_series, plot_layer_series, require_matplotlib
 from .policy import Policy
 from .preflight.check import Options as PreflightOptions
@@ -186,19 +186,15 @@ def run_cmd(
         _fail_cleanly(require_matplotlib)
 
     def go() -> None:
-        report = _run(
+        prep = prepare(
             src,
-            dst,
             Policy(policy, experts),
-            workers,
-            parse_size(shard_size),
-            resume,
-            pass_unknown,
-            quiet,
-            attention_from,
-            io=io,
+            shard_bytes=parse_size(shard_size),
+            pass_unknown=pass_unknown,
+            attention_from=attention_from,
             allow_outside_links=allow_outside_links,
         )
+        report = _run(prep, dst, workers=workers, resume=resume, quiet=quiet, io=io)
         if plot is not None:
             panels = graft_series(report.get("graft_errors") or [])
             plot_layer_series(panels, plot, f"{src.name} grafted from {attention_from.name if attention_from else ''}")
@@ -207,28 +203,8 @@ def run_cmd(
     _fail_cleanly(go, on_interrupt="run the same command again with --resume to continue")
 
 
-def _run(
-    src: Path,
-    dst: Path,
-    policy: Policy,
-    workers: int,
-    shard_bytes: int,
-    resume: bool,
-    pass_unknown: bool,
-    quiet: bool,
-    attention_from: Path | None = None,
-    prepared: Prepared | None = None,
-    io: str = "auto",
-    allow_outside_links: bool = False,
-) -> dict:
-    prep = prepared or prepare(
-        src,
-        policy,
-        shard_bytes=shard_bytes,
-        pass_unknown=pass_unknown,
-        attention_from=attention_from,
-        allow_outside_links=allow_outside_links,
-    )
+def _run(prep: Prepared, dst: Path, *, workers: int, resume: bool, quiet: bool, io: str = "auto") -> dict:
+    """Run the prepared conversion into DST with a progress bar; print the summary line."""
     if prep.inventory.unknown:
         console.print(
             f"[bold yellow]warning:[/] passing {len(prep.inventory.unknown)} unrecognised tensor(s) through: {sorted(prep.inventory.unknown)[:5]}"
@@ -253,7 +229,16 @@ def _run(
             count[0] += ntensors
             progress.update(task, advance=nbytes, tensors=count[0])
 
-        report = run(src, dst, policy, workers=workers, resume=resume, progress=advance, prepared=prep, io=io)
+        report = run(
+            prep.ckpt.path,
+            dst,
+            prep.plan.policy,
+            workers=workers,
+            resume=resume,
+            progress=advance,
+            prepared=prep,
+            io=io,
+        )
     t = report["totals"]
     secs = report["timing"]["seconds"]
     out.print(
@@ -383,7 +368,7 @@ def demo_cmd(
     def go() -> None:
         prep = prepare(DEMO_FIXTURE, Policy(policy, experts))
         _print_plan(prep.plan)
-        _run(DEMO_FIXTURE, dst, prep.plan.policy, 1, DEFAULT_SHARD_BYTES, False, False, True, prepared=prep)
+        _run(prep, dst, workers=1, resume=False, quiet=True)
         info = inspect_checkpoint(dst)
         out.print(f"result: {info['status']}, {info['naming']} names, {info['tensors']} tensors; formats:")
         for row in info["formats"]:
@@ -428,7 +413,7 @@ def preflight_cmd(
     on the model; 2 cannot run here (or a bad option).
     """
     if device not in ("auto", "cuda", "cpu"):
-        console.print(f"[bold red]error:[/] unknown device {device!r} (auto, cuda or cpu)")
+        _error(f"unknown device {device!r} (auto, cuda or cpu)")
         raise typer.Exit(2)
     opts = PreflightOptions(
         policy=policy,
@@ -444,20 +429,15 @@ def preflight_cmd(
         prompt_lengths=_int_list(prompt_lengths, "--prompt-lengths"),
         workdir=workdir,
     )
-    try:
-        result = preflight(opts, say=lambda m: console.print(m, highlight=False))
-    except Unavailable as e:
-        console.print(f"[bold red]cannot run:[/] {literal(str(e))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    except ValueError as e:  # a bad option value: not a verdict
-        _error(str(e))
-        raise typer.Exit(2) from None
-    except ConvertError as e:  # vLLM failed on the model, or the model could not be built
-        _error(str(e))
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        console.print("[bold red]interrupted[/]", highlight=False)
-        raise typer.Exit(130) from None
+
+    def go() -> dict:
+        try:
+            return preflight(opts, say=lambda m: console.print(m, highlight=False))
+        except Unavailable as e:  # not a verdict: this machine cannot run the check
+            console.print(f"[bold red]cannot run:[/] {literal(str(e))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    result = _fail_cleanly(go)  # a bad option value exits 2, vLLM failing on the model 1
     _print_preflight(result)
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2))
@@ -471,7 +451,7 @@ def _int_list(text: str | None, option: str) -> tuple[int, ...] | None:
     try:
         return tuple(int(x) for x in text.split(","))
     except ValueError:
-        console.print(f"[bold red]error:[/] {option} {text!r}: comma-separated integers expected")
+        _error(f"{option} {text!r}: comma-separated integers expected")
         raise typer.Exit(2) from None
 
 
