@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from .codecs import (
-    FOLD_MAX_REL_ERROR,
     FP8_BLOCK,
     dequantize_fp8_block,
     dequantize_nvfp4,
@@ -38,7 +37,7 @@ from .codecs import (
     quantize_fp8_block,
 )
 from .errors import ConvertError
-from .plan import OutputTensor, Shard, fold_refusal
+from .plan import OutputTensor, Shard
 from .safetensors_io import ShardWriter, TensorInfo, TensorSink, read_rows, read_tensor
 
 BAND_BYTES = 64 * 1024 * 1024  # float32 bytes of one row band of a converted tensor
@@ -124,14 +123,6 @@ def _check_e4m3_codes(raw: np.ndarray, info: TensorInfo, first: int = 0) -> None
         raise ConvertError(f"block scale {where} is {value}: NaN or negative", file=info.file, tensor=info.name)
 
 
-def checked_fold(ws: torch.Tensor, ratio: float, info: TensorInfo) -> torch.Tensor:
-    """``codecs.fold_block_scales``, refused by name where it would lose the half (planning refuses it first)."""
-    folded, error = fold_block_scales(ws, ratio)
-    if error > FOLD_MAX_REL_ERROR:
-        raise ConvertError(fold_refusal(ratio, error), file=info.file, tensor=info.name)
-    return folded
-
-
 def _bands(rows: int, cols: int) -> Iterator[tuple[int, int]]:
     step = band_rows(cols)
     for r0 in range(0, rows, step):
@@ -165,7 +156,7 @@ def produce(out: OutputTensor, writer: TensorSink, scales: dict[str, list[torch.
     elif out.op == "fold_scale":
         ws = read_tensor(src)
         check_block_scales(ws, src)
-        writer.write(checked_fold(ws, float(out.value or 1.0), src))
+        writer.write(fold_block_scales(ws, float(out.value or 1.0))[0])  # planning refused a lossy fold
     elif out.op == "scalar":
         writer.write(torch.tensor(out.value, dtype=torch.float32).reshape(out.shape))
     else:

@@ -124,12 +124,13 @@ def build_plan(inv: Inventory, policy: Policy, source: Path, *, shard_bytes: int
     """The complete plan; raises ``ConvertError`` when the source cannot be served under ``policy``."""
     plan = Plan(source, inv.naming, policy, [], [], [])
     experts = {m.name: m for m in inv.linears(Role.ROUTED_EXPERT)}
+    fixes: dict[str, GateUpFix | None] = {}  # per expert, decided once for both halves
     for module in inv.modules.values():
         target = policy.target(module)
         if module.format == "tensor":
             _copy(plan, module.params[""], module.name, module.role)
         elif target == Target.NVFP4:
-            _keep_nvfp4_expert(plan, module, experts)
+            _keep_nvfp4_expert(plan, module, experts, fixes)
         elif target == Target.COPY or already_in_target(module, target):
             _copy_linear(plan, module)
         elif target == Target.BF16:
@@ -217,7 +218,9 @@ def _convert(plan: Plan, module: Module, target: str) -> None:
         plan.accounts.append(Account(info.name, "dropped", (), _DROP_INPUT_SCALE, role, info.nbytes))
 
 
-def _keep_nvfp4_expert(plan: Plan, module: Module, experts: dict[str, Module]) -> None:
+def _keep_nvfp4_expert(
+    plan: Plan, module: Module, experts: dict[str, Module], fixes: dict[str, GateUpFix | None]
+) -> None:
     if module.format != "nvfp4":
         w = module.params["weight"]
         raise ConvertError(
@@ -229,7 +232,11 @@ def _keep_nvfp4_expert(plan: Plan, module: Module, experts: dict[str, Module]) -
             "NVFP4 expert without input_scale (vLLM would leave it uninitialised)", file=w.file, tensor=w.name
         )
     prefix, half = module.name.rsplit(".", 1)
-    fix = _gate_up_fix(prefix, experts) if half in ("w1", "w3") else None
+    fix = None
+    if half in ("w1", "w3"):
+        if prefix not in fixes:  # reads the rescaled half's block scales: once per expert, not per half
+            fixes[prefix] = _gate_up_fix(prefix, experts)
+        fix = fixes[prefix]
     for param, info in module.params.items():
         out = _out_name(module, param)
         if fix and fix.rescaled == half and param == "weight_scale":
@@ -273,16 +280,14 @@ def _gate_up_fix(prefix: str, experts: dict[str, Module]) -> GateUpFix | None:
     scales = (gate if g < u else up).params["weight_scale"]
     _, error = fold_block_scales(read_tensor(scales), ratio)  # decided here, before anything is written
     if error > FOLD_MAX_REL_ERROR:
-        raise ConvertError(fold_refusal(ratio, error), file=scales.file, tensor=scales.name)
+        raise ConvertError(
+            f"gate and up global scales differ {1 / ratio:.4g}x: folding them pushes this half's block scales "
+            f"below e4m3's range ({error:.0%} off): refused; convert with --experts bf16 (exact) or re-export with "
+            "equal global scales",
+            file=scales.file,
+            tensor=scales.name,
+        )
     return GateUpFix(prefix, g, u, rescaled, ratio, error)
-
-
-def fold_refusal(ratio: float, error: float) -> str:
-    return (
-        f"gate and up global scales differ {1 / ratio:.4g}x: folding them pushes this half's block scales "
-        f"below e4m3's range ({error:.0%} off): refused; convert with --experts bf16 (exact) or re-export with "
-        "equal global scales"
-    )
 
 
 def ignore_names(module: Module) -> list[str]:
