@@ -7,8 +7,8 @@ from its shard, tensor in two shards, shard tensor absent from the index), and l
 
 SRC may come from anywhere: an index entry must be a plain file name inside SRC (never a path, ``..``, or
 anything but a string), every file read must be a regular file (a FIFO or device is refused, never opened),
-JSON files are read up to ``MAX_JSON_BYTES``, and subfolders of SRC are listed (``subfolders``) so that the
-report says they were not carried over. Symbolic links in SRC are checked before anything is opened: one that
+JSON files are read up to ``MAX_JSON_BYTES``, and subfolders of SRC are listed so that the
+report says they were not carried over (``not_carried``, with temporary ``*.partial`` files). Symbolic links in SRC are checked before anything is opened: one that
 resolves inside SRC, or into the ``blobs/`` of a Hugging Face cache snapshot (``.../snapshots/REV/`` whose files
 link to ``../../blobs/``), is followed; any other is refused by name unless ``allow_outside_links``. Every
 followed link is listed (``links``: name -> resolved target) for the report.
@@ -42,7 +42,7 @@ class Checkpoint:
     config: dict
     shards: list[Path]
     other_files: list[Path] = field(default_factory=list)
-    subfolders: list[Path] = field(default_factory=list)
+    not_carried: dict[str, str] = field(default_factory=dict)  # name -> what it is (subfolder, temporary file)
     links: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -63,19 +63,18 @@ class Checkpoint:
         if index.exists():
             _check_index(index, tensors)
         config = _read_config(path) if require_config or (path / "config.json").exists() else {}
-        others, subfolders = [], []
+        others, not_carried = [], {}
         for p in sorted(path.iterdir()):
             if p.name.startswith(".") or p.suffix == ".safetensors" or p.name in GENERATED_FILES:
                 continue
-            if p.suffix == ".partial":  # a temporary file (ours or a download's): never carried over
-                subfolders.append(p)
-                continue
-            if p.is_dir():
-                subfolders.append(p)
+            if p.suffix == ".partial":  # a temporary file (ours or a download's)
+                not_carried[p.name] = "temporary file"
+            elif p.is_dir():
+                not_carried[p.name] = "subfolder"
             else:
                 regular_file(p, "file")
                 others.append(p)
-        return cls(path, tensors, config, shards, others, subfolders, links)
+        return cls(path, tensors, config, shards, others, not_carried, links)
 
     @property
     def total_bytes(self) -> int:

