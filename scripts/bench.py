@@ -10,8 +10,8 @@ What it measures
    shared expert, q_lora_rank 1536, 128 heads of head_dim 512, o_groups 16, o_lora_rank 1024, index
    heads 64 x 128, CSA compressor + indexer as transformers' ``modeling_deepseek_v4`` builds them).
    Every layer is a ``compressed_sparse_attention`` layer with a learned-router ``moe`` block (no
-   hash layer, so no ``tid2eid``); embeddings, head, final norm and ``hc_head`` are left out unless
-   ``--with-embed`` (then one copy of each, vocab 129280). One default layer is 14.5 GB (98.4 % of
+   hash layer, so no ``tid2eid``); embeddings, head, final norm and ``hc_head`` are there at a 256-token
+   vocabulary (a few MB) unless ``--with-embed`` (then at the real vocab 129280). One default layer is 14.5 GB (98.4 % of
    it routed experts). Bytes are random (uint8 codes from a random pool; block scales random
    e4m3 in [0.5, 2]; global scales random, equal for gate and up of one expert as ModelOpt writes
    them), shards ~5 GB, written streaming (one tensor at a time, from the pools).
@@ -193,8 +193,17 @@ def layer_specs(i: int, n_experts: int) -> list[Spec]:
     return specs
 
 
-def embed_specs() -> list[Spec]:
-    d, hc, vocab = PRO["hidden_size"], PRO["hc_mult"], PRO["vocab_size"]
+# Without --with-embed the source still holds embed/head/norm/hc_head (the converter checks every tensor its
+# config.json implies), at a vocabulary this small: a few MB, so a layer's bytes are what is measured.
+SMALL_VOCAB = 256
+
+
+def vocab_size(with_embed: bool) -> int:
+    return PRO["vocab_size"] if with_embed else SMALL_VOCAB
+
+
+def embed_specs(vocab: int) -> list[Spec]:
+    d, hc = PRO["hidden_size"], PRO["hc_mult"]
     return [
         Spec("model.embed_tokens.weight", "BF16", (vocab, d), "normal"),
         f32("model.norm.weight", d),
@@ -209,15 +218,16 @@ def source_specs(layers: int, n_experts: int, with_embed: bool) -> list[Spec]:
     specs: list[Spec] = []
     for i in range(layers):
         specs += layer_specs(i, n_experts)
-    return specs + (embed_specs() if with_embed else [])
+    return specs + embed_specs(vocab_size(with_embed))
 
 
-def source_config(layers: int, n_experts: int) -> dict:
+def source_config(layers: int, n_experts: int, with_embed: bool) -> dict:
     """The fixture's config.json with Pro's dimensions, ``layers`` CSA layers and learned-router MoE."""
     cfg = json.loads(FIXTURE_CONFIG.read_text())
     cfg.update(PRO)
     cfg["n_routed_experts"] = n_experts
     cfg["num_hidden_layers"] = layers
+    cfg["vocab_size"] = vocab_size(with_embed)
     cfg["layer_types"] = ["compressed_sparse_attention"] * layers
     cfg["mlp_layer_types"] = ["moe"] * layers
     cfg["partial_rotary_factor"] = PRO["qk_rope_head_dim"] / PRO["head_dim"]
@@ -300,9 +310,11 @@ def write_source(src: Path, layers: int, n_experts: int, with_embed: bool, seed:
     total = sum(s.nbytes for s in specs)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (src / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (src / "config.json").write_text(json.dumps(source_config(layers, n_experts), indent=4))
+    (src / "config.json").write_text(json.dumps(source_config(layers, n_experts, with_embed), indent=4))
     hf_quant = json.loads((FIXTURE_CONFIG.parent / "hf_quant_config.json").read_text())
-    hf_quant["quantization"]["exclude_modules"] = source_config(layers, n_experts)["quantization_config"]["ignore"]
+    hf_quant["quantization"]["exclude_modules"] = source_config(layers, n_experts, with_embed)["quantization_config"][
+        "ignore"
+    ]
     (src / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=4))
     shutil.copyfile(FIXTURE_CONFIG.parent / "generation_config.json", src / "generation_config.json")
     return total
