@@ -396,7 +396,8 @@ def preflight_cmd(
         bool, typer.Option("--cuda-graphs", help="compile and capture CUDA graphs as a server does (slower start)")
     ] = False,
     hidden_size: Annotated[
-        int | None, typer.Option("--hidden-size", help="diagnosis: the model's hidden size (multiple of 128)")
+        int | None,
+        typer.Option("--hidden-size", help="diagnosis: the model's hidden size (multiple of 128; on CUDA of 2048)"),
     ] = None,
     prompt_lengths: Annotated[
         str | None, typer.Option("--prompt-lengths", help="diagnosis: prompt lengths, e.g. 1,8,600")

@@ -124,6 +124,7 @@ CPU_ENV = {"vllm": "0.32.0", "torch": "2.13.0+cpu", "cuda": False, "gpus": 0, "g
         ({**CPU_ENV, "vllm": "0.31.0"}, {}, "vLLM 0.31.0 is too old for this check on cpu: it needs >= 0.32"),
         (GPU_ENV, {"device": "cpu"}, "--device cpu needs vLLM's CPU build"),
         (GPU_ENV, {"tensor_parallel_size": 2}, "--tensor-parallel-size 2, but only 1 GPU(s)"),
+        (GPU_ENV, {"hidden_size": 128}, "--hidden-size 128: vLLM's fused mHC decode kernel"),
     ],
 )
 def test_what_cannot_run_is_refused_in_one_line_before_anything_is_built(tmp_path, probe, options, message):
@@ -221,6 +222,16 @@ def test_diagnostic_sizes_change_only_what_was_asked():
             tiny_model.resized(gpu, **bad)
 
 
+@pytest.mark.parametrize(
+    ("hidden", "computed"),
+    [(128, False), (1024, False), (3072, False), (2048, True), (4096, True), (6144, True), (7168, True)],
+)
+def test_cuda_decode_needs_a_hidden_size_its_fused_mhc_kernel_covers(hidden, computed):
+    """vLLM's mhc_fused_tilelang (<= 16 tokens) covers hidden / splits in steps of 256 threads, splits 8 or 4."""
+    assert tiny_model.cuda_decode_computes(hidden) is computed
+    assert tiny_model.cuda_decode_computes(tiny_model.config_dict(tiny_model.SIZES["gpu"])["hidden_size"])
+
+
 def test_cli_refuses_a_malformed_prompt_length_list():
     result = CliRunner().invoke(app, ["preflight", "--prompt-lengths", "1,x"])
     assert result.exit_code == 2 and "comma-separated integers" in result.output
@@ -264,13 +275,13 @@ def test_planted_faults_change_what_they_say_and_nothing_else(tmp_path, convert_
         elif fault == "wo_a_scale_ones":
             assert all(k.endswith(".attn.wo_a.scale") for k in changed)
             assert all(float(after[k].float().min()) == float(after[k].float().max()) == 1.0 for k in changed)
-        else:  # the up halves re-expressed: same values decoded per tensor, but 16x w1's global scale
-            assert all(".w3.weight_scale" in k for k in changed)
-            experts = [k for k in changed if k.endswith("w3.weight_scale_2")]
-            assert all(float(after[k]) == 16 * float(after[k.replace(".w3.", ".w1.")]) for k in experts)
-            up = {k: v for k, v in after.items() if ".w3." in k}
-            was = {k: v for k, v in before.items() if ".w3." in k}
-            a, b = dequantized_state_dict(_as_modules(up)), dequantized_state_dict(_as_modules(was))
+        else:  # the gate halves re-expressed: same values decoded per tensor, but 16x w3's global scale
+            assert all(".w1.weight_scale" in k for k in changed)
+            experts = [k for k in changed if k.endswith("w1.weight_scale_2")]
+            assert all(float(after[k]) == 16 * float(after[k.replace(".w1.", ".w3.")]) for k in experts)
+            gate = {k: v for k, v in after.items() if ".w1." in k}
+            was = {k: v for k, v in before.items() if ".w1." in k}
+            a, b = dequantized_state_dict(_as_modules(gate)), dequantized_state_dict(_as_modules(was))
             assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
 
 

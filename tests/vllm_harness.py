@@ -198,7 +198,8 @@ def greedy_generations(model, prompts: list[list[int]] = PROMPTS, max_tokens: in
 def agreement(generations: list[dict], prompts: list[list[int]] = PROMPTS, ref: Path | None = None) -> Agreement:
     """Teacher-force the reference (``reference_model(ref=ref)``) on vLLM's tokens: same greedy token? logprob of
     vLLM's token? (``nvfp4_convert.preflight.reference.score_decode``, the preflight's own score)"""
-    return reference.score_decode(reference_model(ref=ref), prompts, generations)
+    steps = reference.teacher_forced(reference_model(ref=ref), prompts, generations)
+    return reference.score_decode(steps, generations)
 
 
 # ----------------------------------------------------------------------------------------------------------

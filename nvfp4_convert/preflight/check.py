@@ -163,6 +163,12 @@ def _preflight(opts: Options, work: Path, say) -> dict:
     size = tiny_model.resized(
         tiny_model.SIZES["gpu" if device == "cuda" else "cpu"], opts.hidden_size, opts.prompt_lengths
     )
+    hidden = tiny_model.config_dict(size)["hidden_size"]
+    if device == "cuda" and not tiny_model.cuda_decode_computes(hidden):
+        raise Unavailable(
+            f"--hidden-size {hidden}: vLLM's fused mHC decode kernel (mhc_fused_tilelang) leaves part of a "
+            "residual this wide uncomputed; use a multiple of 2048 (up to 4096) or of 1024 (above)"
+        )
     say(f"vLLM {env['vllm']} (torch {env['torch']}) on {env['gpu'] or 'CPU'}: {size.name}-sized model")
 
     src, dst = work / "src", work / "dst"
@@ -197,8 +203,9 @@ def _preflight(opts: Options, work: Path, say) -> dict:
 
     say("scoring against transformers (float32) ...")
     model = reference.source_model(src)
-    decode = reference.score_decode(model, prompts, ran["generations"])
-    prefill = reference.score_prefill(model, prompts, ran["generations"], ran["prefill"])
+    steps = reference.teacher_forced(model, prompts, ran["generations"])
+    decode = reference.score_decode(steps, ran["generations"])
+    prefill = reference.score_prefill(steps, ran["generations"], ran["prefill"])
     return {
         "verdict": "PASS" if decode.ok else "FAIL",
         "decode": decode.as_dict(),

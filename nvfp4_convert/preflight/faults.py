@@ -39,10 +39,10 @@ def wo_a_scale_ones(t: Tensors) -> None:
 
 
 def expert_global_scale_mismatch(t: Tensors) -> None:
-    """Trap 6 left in: each up half (``w3``) re-expressed with a 16x larger ``weight_scale_2`` and 16x smaller
+    """Trap 6 left in: each gate half (``w1``) re-expressed with a 16x larger ``weight_scale_2`` and 16x smaller
     block scales. Decoded per tensor the weights are unchanged, but vLLM applies ``w1``'s global scale to both
-    halves, so the up projection it computes is 16x too small."""
-    for n in _matching(t, r"layers\.\d+\.ffn\.experts\.\d+\.w3\.weight_scale_2", "NVFP4 routed experts"):
+    halves, so the up projection it computes is 16x too large."""
+    for n in _matching(t, r"layers\.\d+\.ffn\.experts\.\d+\.w1\.weight_scale_2", "NVFP4 routed experts"):
         ws = n.removesuffix("_2")
         t[n] = t[n] * 16
         t[ws] = (t[ws].float() / 16).to(t[ws].dtype)

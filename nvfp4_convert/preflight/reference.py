@@ -4,9 +4,10 @@
   float32: NVFP4 and block-FP8 linears decoded (``codecs``), ``input_scale`` dropped (an activation scale),
   routed experts fused into ``gate_up_proj`` / ``down_proj``.
 - ``transformers_model``: that model of a source's ``config.json`` holding a state dict (strict).
-- ``score_decode``: teacher-force the reference on vLLM's greedy tokens: does it pick the same token at every
-  step, and how far is its logprob of vLLM's token? ``score_prefill`` does the same for the per-position
-  top-1 and logprob vLLM computed in one prefill (``prompt_logprobs``) of prompt + generated tokens.
+- ``teacher_forced``: the reference's log-probabilities at every step of vLLM's greedy tokens (one forward per prompt).
+- ``score_decode``: at every step, does the reference pick vLLM's token, and how far is its logprob of that token?
+  ``score_prefill`` does the same for the per-position top-1 and logprob vLLM computed in one prefill
+  (``prompt_logprobs``) of prompt + generated tokens.
 - ``decode_vs_prefill``: the same comparison of vLLM's decode against vLLM's own prefill (no reference).
 - ``Agreement.ok``: at least 7/8 of the steps agree (42 of 48) and the median |delta logprob| < 0.05.
 """
@@ -129,10 +130,15 @@ class Agreement:
         )
 
 
-def _teacher_forced(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
-    """The reference's log-probabilities at the steps that produced ``tokens`` after ``prompt``."""
-    logp = model(input_ids=torch.tensor([prompt + tokens])).logits[0].float().log_softmax(-1)
-    return logp[len(prompt) - 1 : len(prompt) - 1 + len(tokens)]
+@torch.no_grad()
+def teacher_forced(model, prompts: list[list[int]], generations: list[dict]) -> list[torch.Tensor]:
+    """Per prompt, the reference's log-probabilities [steps, vocab] at the steps that produced vLLM's tokens."""
+    out = []
+    for prompt, gen in zip(prompts, generations, strict=True):
+        tokens = gen["tokens"]
+        logp = model(input_ids=torch.tensor([prompt + tokens])).logits[0].float().log_softmax(-1)
+        out.append(logp[len(prompt) - 1 : len(prompt) - 1 + len(tokens)])
+    return out
 
 
 def _agreement(rows: list[tuple[torch.Tensor, list[int], list[int], list[float]]]) -> Agreement:
@@ -154,13 +160,15 @@ def _summary(matches: int, deltas: list[float], per_prompt: list[int]) -> Agreem
     return Agreement(matches, len(deltas), median, max(deltas, key=lambda d: (d != d, d)), per_prompt)
 
 
-@torch.no_grad()
-def score_decode(model, prompts: list[list[int]], generations: list[dict]) -> Agreement:
-    """vLLM's greedy decode: at each step, same greedy token as the reference? logprob of vLLM's token?"""
-    rows = []
-    for prompt, gen in zip(prompts, generations, strict=True):
-        steps = _teacher_forced(model, prompt, gen["tokens"])
-        rows.append((steps, gen["tokens"], gen["tokens"], gen["logprobs"]))
+def score_decode(reference_steps: list[torch.Tensor], generations: list[dict]) -> Agreement:
+    """vLLM's greedy decode: at each step, same greedy token as the reference? logprob of vLLM's token?
+
+    ``reference_steps``: ``teacher_forced(reference, prompts, generations)``.
+    """
+    rows = [
+        (steps, gen["tokens"], gen["tokens"], gen["logprobs"])
+        for steps, gen in zip(reference_steps, generations, strict=True)
+    ]
     return _agreement(rows)
 
 
@@ -178,11 +186,10 @@ def decode_vs_prefill(generations: list[dict], prefill: list[dict]) -> Agreement
     return _summary(matches, deltas, per_prompt)
 
 
-@torch.no_grad()
-def score_prefill(model, prompts: list[list[int]], generations: list[dict], prefill: list[dict]) -> Agreement:
+def score_prefill(reference_steps: list[torch.Tensor], generations: list[dict], prefill: list[dict]) -> Agreement:
     """vLLM's prefill of prompt + generated tokens (``prompt_logprobs``): per position top-1 and logprob."""
-    rows = []
-    for prompt, gen, row in zip(prompts, generations, prefill, strict=True):
-        steps = _teacher_forced(model, prompt, gen["tokens"])
-        rows.append((steps, row["top1"], gen["tokens"], row["logprobs"]))
+    rows = [
+        (steps, row["top1"], gen["tokens"], row["logprobs"])
+        for steps, gen, row in zip(reference_steps, generations, prefill, strict=True)
+    ]
     return _agreement(rows)

@@ -10,12 +10,12 @@ real ModelOpt export ``tests/fixtures/tiny-dsv4-e2e`` is the format oracle: the 
 exact names, dtypes and shapes (tested).
 
 Sizes (``SIZES``): ``cpu`` is the smallest model vLLM's CPU kernels accept (the e2e fixture's config);
-``gpu`` what vLLM's CUDA kernels need besides (``index_n_heads`` 64 for DeepGEMM's MQA logits on sm90,
-64 query heads as FlashMLA's FP8 decode kernel computes them, ``o_groups`` 8 so every group and head
-count divides over 8 ranks). Weights are random (seeded): linears N(0, 0.02) as transformers
-initialises them, routed experts wider and weighted more (``EXPERT_STD``, ``ROUTED_SCALING``) so that the
-experts move the logits; ``input_scale`` is calibrated like
-ModelOpt does (amax of each linear's input over random tokens / (6 * 448)).
+``gpu`` what vLLM's CUDA kernels need besides: ``index_n_heads`` 64 for DeepGEMM's MQA logits on sm90, 64 query
+heads as FlashMLA's FP8 decode kernel computes them, ``o_groups`` 8 so every group and head count divides over 8
+ranks, and hidden 2048, the narrowest residual stream vLLM's CUDA decode computes (``cuda_decode_computes``).
+Weights are random (seeded): linears N(0, 0.02) as transformers initialises them, routed experts wider and
+weighted more (``EXPERT_STD``, ``ROUTED_SCALING``) so that the experts move the logits; ``input_scale`` is
+calibrated like ModelOpt does (amax of each linear's input over random tokens / (6 * 448)).
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ from ..codecs import E4M3_MAX, FP4_MAX, quantize_nvfp4
 # Routed experts drawn wider than transformers' 0.02 and weighted 6x (V4: 1.5 to 2.5) so that they carry a large
 # share of each layer's output: a fault in them must move the greedy tokens. Wider still, the random model turns
 # chaotic (BF16 rounding alone flips greedy tokens). Measured with transformers standing in for vLLM, CPU size:
-# all-BF16 compute 46/48 steps agree; experts' up halves 16x off 35/48; compressor wkv/wgate swapped 27/48.
+# all-BF16 compute 46/48 steps agree; experts' up halves 16x too small 35/48; compressor wkv/wgate swapped 27/48. GPU size
+# (hidden 2048): FP8 rounding of wo_a's input and of the KV cache as vLLM does 48/48 (median |dlogp| 0.014); up
+# halves 16x too large 0/48; compressor swapped 8/48. (At hidden 4096 the same draw is chaotic: FP8 alone 33/48.)
 EXPERT_STD = 0.03
 ROUTED_SCALING = 6.0
 HEAD_STD = 0.02
@@ -101,8 +103,27 @@ SIZE_KEYS = (
 
 SIZES = {
     "cpu": Size("cpu", {}, (24, 31, 38)),
-    "gpu": Size("gpu", {"index_n_heads": 64, "num_attention_heads": 64, "o_groups": 8}, (40, 300, 600)),
+    "gpu": Size(
+        "gpu",
+        {"hidden_size": 2048, "index_n_heads": 64, "num_attention_heads": 64, "o_groups": 8},
+        (40, 300, 600),
+    ),
 }
+
+MHC_FUSED_THREADS = 256  # vLLM's mhc_fused_tilelang: each thread block covers a split in steps of 256 elements
+
+
+def cuda_decode_computes(hidden_size: int) -> bool:
+    """Whether vLLM's CUDA decode computes a residual stream this wide at all.
+
+    For at most 16 tokens (every decode step here) vLLM's mHC post + pre-norm (``mhc_fused_tilelang``, vLLM
+    0.26 to 0.33) splits the hidden dimension into 8 parts (fewer than 8 tokens, hidden <= 4096) or 4 and covers
+    each part in ``part // 256`` steps of 256 threads: a part that is not a whole number of 256 is left partly
+    unwritten (uninitialised memory). At hidden 128 no step runs at all and decode collapses from its second token
+    on (seen on the H200: docs/proof/h200-vllm-0.26). Real models (4096, 7168) are whole multiples.
+    """
+    splits = (8, 4) if hidden_size <= 4096 else (4,)
+    return all(hidden_size % (n * MHC_FUSED_THREADS) == 0 for n in splits)
 
 
 def config_dict(size: Size) -> dict[str, Any]:
