@@ -159,9 +159,13 @@ def quantize_nvfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     per_block = blocks.abs().amax(-1) / (FP4_MAX * ws2)
     ws = torch.where(per_block == 0, torch.ones_like(per_block), per_block).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
     scaled = blocks / (ws.to(torch.float32) * ws2).unsqueeze(-1)
+    codes = _nearest_e2m1_codes(scaled).view(rows, cols)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4), ws, ws2
+
+
+def _nearest_e2m1_codes(scaled: torch.Tensor) -> torch.Tensor:
+    """uint8 E2M1 code nearest to each float32 value (ties to the even code; negatives get the sign bit 3)."""
     magnitude = scaled.abs()
     codes = torch.bucketize(magnitude, _E2M1_MIDPOINTS)
     codes += (magnitude.unsqueeze(-1) == _E2M1_ROUND_UP_TIES).any(-1)
-    codes = codes.to(torch.uint8) | ((scaled < 0).to(torch.uint8) << 3)
-    codes = codes.view(rows, cols)
-    return codes[:, 0::2] | (codes[:, 1::2] << 4), ws, ws2
+    return codes.to(torch.uint8) | ((scaled < 0).to(torch.uint8) << 3)
