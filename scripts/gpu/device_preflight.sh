@@ -6,7 +6,7 @@
 #   bash scripts/gpu/device_preflight.sh default-nvfp4=default:nvfp4 fault-swap=default:nvfp4:compressor_wkv_wgate_swapped \
 #        short=default:nvfp4:-:--prompt-lengths+1,4,16
 # Everything comes back in $OUT/<first run name>.tgz: per run its JSON, console output and vLLM's log (every
-# run of this machine so far).
+# run of this machine so far). PARALLEL=1 starts every run at once (one GPU holds several at 0.3 of its memory).
 set -uo pipefail
 if [ ! -d /root/site/vllm ]; then  # unpacked into a temporary folder and renamed: a cut-short unpack is redone
   t0=$(date +%s)
@@ -21,12 +21,13 @@ export PYTHONPATH=/root/site:/root/site/nvidia_cutlass_dsl/dsl_packages:$PWD
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONUNBUFFERED=1
 RES=/root/preflight-results
 mkdir -p "$RES"
-first=""
-for spec in "$@"; do
-  name=${spec%%=*}; rest=${spec#*=}
+first=${1%%=*}
+pack() { tar -czf "$OUT/${first:-results}.tgz" -C "$RES" .; }  # a call cut short keeps what finished
+
+run_one() {  # one NAME=POLICY:EXPERTS[:FAULT][:OPTIONS] spec
+  local name=${1%%=*} rest=${1#*=} policy experts fault extra t0 rc
   IFS=: read -r policy experts fault extra <<<"$rest"
-  [ -n "$first" ] || first=$name
-  args=(--device cuda --policy "$policy" --experts "$experts" --workdir "/root/pf/$name" --json "$RES/$name.json")
+  local args=(--device cuda --policy "$policy" --experts "$experts" --workdir "/root/pf/$name" --json "$RES/$name.json")
   [ -n "${fault:-}" ] && [ "$fault" != "-" ] && args+=(--planted-fault "$fault")
   [ -n "${extra:-}" ] && IFS=+ read -r -a more <<<"$extra" && args+=("${more[@]}")
   t0=$(date +%s)
@@ -35,5 +36,18 @@ for spec in "$@"; do
   cp "/root/pf/$name/vllm.log" "$RES/$name.vllm.log" 2>/dev/null
   echo "$name rc=$rc $(( $(date +%s) - t0 ))s: $(grep -E 'verdict|cannot run|error' "$RES/$name.console.txt" | tail -1)"
   grep -E '^│ (decode|prefill)' "$RES/$name.console.txt"
-  tar -czf "$OUT/${first:-results}.tgz" -C "$RES" .  # after every run: a call cut short keeps what it finished
-done
+}
+
+if [ "${PARALLEL:-0}" = 1 ]; then
+  # All runs at once (a fresh machine pays the kernels' first compilation once, in parallel, instead of in the
+  # first run alone); results packed every 15 s.
+  pids=()
+  for spec in "$@"; do run_one "$spec" & pids+=($!); done
+  for pid in "${pids[@]}"; do
+    while kill -0 "$pid" 2>/dev/null; do sleep 15; pack; done
+  done
+  wait
+  pack
+else
+  for spec in "$@"; do run_one "$spec"; pack; done
+fi
