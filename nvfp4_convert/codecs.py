@@ -7,7 +7,9 @@
   block, ``s = 2**ceil(log2(max(amax, 1e-4) / 448))``, weight ``e4m3(w * (1/s))``: the values of
   vLLM's ``per_block_cast_to_fp8(x, [128, 128], use_ue8m0=True)``; scales returned as float32 and
   stored as ``float8_e8m0fnu`` (exact, being powers of two).
-- ``fold_global_scales``: give gate and up of one expert one global scale (trap 6).
+- ``gate_up_fold`` and ``fold_block_scales``: give gate and up of one expert one global scale, the larger
+  (trap 6): which half is rescaled and by what ratio, and that half's block scales times the ratio, rounded
+  to e4m3 with their error (``plan`` decides with them, ``execute`` writes the folded scales).
 - ``quantize_nvfp4``: float32 to ModelOpt's NVFP4 form (the inverse of ``dequantize_nvfp4``, ModelOpt's
   recipe: ``weight_scale_2 = amax / (6 * 448)``, block scale ``e4m3(block_amax / (6 * weight_scale_2))``,
   codes rounded to the nearest E2M1 value). Used to build test and preflight sources, never on a
@@ -108,6 +110,20 @@ def is_power_of_two(t: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(t) & (t > 0) & (mantissa == 0.5)
 
 
+def gate_up_fold(gate_scale_2: float, up_scale_2: float) -> tuple[str, float] | None:
+    """Which half of an expert gets the larger global scale of the two, and its block scales' factor.
+
+    vLLM applies one global scale to gate and up (trap 6): both get the larger. Returns ``None`` when they are
+    equal, else (``"gate"`` or ``"up"``: the half whose global scale was smaller, ``float32(small) / float32(large)``,
+    below 1 so no block scale can pass e4m3's maximum). FP4 codes are unchanged.
+    """
+    if gate_scale_2 == up_scale_2:
+        return None
+    small, big = min(gate_scale_2, up_scale_2), max(gate_scale_2, up_scale_2)
+    ratio = float(torch.tensor(small, dtype=torch.float32) / torch.tensor(big, dtype=torch.float32))
+    return ("gate" if gate_scale_2 < up_scale_2 else "up"), ratio
+
+
 FOLD_MAX_REL_ERROR = 2**-4  # e4m3 rounds each normal value within 2^-4 (~2^-5 on average over a tensor)
 
 
@@ -120,29 +136,6 @@ def fold_block_scales(ws: torch.Tensor, ratio: float) -> tuple[torch.Tensor, flo
     folded = exact.to(torch.float8_e4m3fn)
     norm = float(exact.norm())
     return folded, (float((folded.to(torch.float32) - exact).norm()) / norm if norm > 0 else 0.0)
-
-
-def fold_global_scales(
-    ws_gate: torch.Tensor, ws2_gate: torch.Tensor, ws_up: torch.Tensor, ws2_up: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Give gate and up one global scale: the larger; rescale the other half's block scales.
-
-    The half whose global scale was smaller gets ``e4m3(float32(ws) * (small / large))`` (ratio < 1,
-    so no block scale can pass e4m3's maximum); FP4 codes are unchanged. Returns the four new
-    tensors (gate ws, gate ws2, up ws, up ws2) in the input dtypes.
-    """
-    g, u = float(ws2_gate), float(ws2_up)
-    big = torch.tensor(max(g, u), dtype=torch.float32)
-    if g == u:
-        return ws_gate, ws2_gate, ws_up, ws2_up
-
-    def rescale(ws: torch.Tensor, small: float) -> torch.Tensor:
-        ratio = torch.tensor(small, dtype=torch.float32) / big
-        return (ws.to(torch.float32) * ratio).to(torch.float8_e4m3fn)
-
-    if g < u:
-        return rescale(ws_gate, g), big.reshape(ws2_gate.shape), ws_up, ws2_up
-    return ws_gate, ws2_gate, rescale(ws_up, u), big.reshape(ws2_up.shape)
 
 
 # Midpoints between consecutive E2M1 magnitudes (0, 0.5, 1, 1.5, 2, 3, 4, 6): a magnitude's nearest code.

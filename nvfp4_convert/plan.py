@@ -21,9 +21,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from .codecs import FOLD_MAX_REL_ERROR, fold_block_scales, fp8_scale_shape
+from .codecs import FOLD_MAX_REL_ERROR, fold_block_scales, fp8_scale_shape, gate_up_fold
 from .errors import ConvertError
 from .inventory import Inventory, Module, Role
 from .policy import Policy, Target
@@ -272,12 +270,14 @@ def _gate_up_fix(prefix: str, experts: dict[str, Module]) -> GateUpFix | None:
             tensor=some.name,
         )
     g, u = gate.global_scale, up.global_scale
-    if g is None or u is None or g == u:
+    if g is None or u is None:
         return None
-    small, big = min(g, u), max(g, u)
-    ratio = float(torch.tensor(small, dtype=torch.float32) / torch.tensor(big, dtype=torch.float32))
-    rescaled = "w1" if g < u else "w3"
-    scales = (gate if g < u else up).params["weight_scale"]
+    fold = gate_up_fold(g, u)
+    if fold is None:
+        return None
+    half, ratio = fold
+    rescaled = "w1" if half == "gate" else "w3"
+    scales = (gate if half == "gate" else up).params["weight_scale"]
     _, error = fold_block_scales(read_tensor(scales), ratio)  # decided here, before anything is written
     if error > FOLD_MAX_REL_ERROR:
         raise ConvertError(

@@ -4,19 +4,24 @@
   values when the fixture was generated (``tests/fixtures/tiny-dsv4-golden``).
 - FP8 block quantization: vLLM's own ``per_block_cast_to_fp8(x, [128, 128], use_ue8m0=True)``.
 - e8m0 storage: torch's ``float8_e8m0fnu``.
+- gate/up fold (trap 6): numpy's float32 division for the ratio, a nearest-value search over e4m3's code table
+  for the folded block scales.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import GOLDEN, REPO_FIXTURE
 from helpers import load_all
 
 from nvfp4_convert.codecs import (
+    FOLD_MAX_REL_ERROR,
     dequantize_fp8_block,
     dequantize_nvfp4,
-    fold_global_scales,
+    fold_block_scales,
+    gate_up_fold,
     is_power_of_two,
     quantize_fp8_block,
     quantize_nvfp4,
@@ -116,36 +121,63 @@ def test_is_power_of_two():
     assert is_power_of_two(t).tolist() == [True, True, True, False, False, False, False, False, False]
 
 
+def _nearest_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest finite e4m3 value, ties to the even code: by search over the 126 non-negative codes
+    (only their decoding is torch's), independent of torch's float32 -> float8 cast."""
+    codes = torch.arange(0x7F, dtype=torch.uint8)  # 0x00..0x7E: every finite non-negative e4m3 value
+    values = codes.view(torch.float8_e4m3fn).to(torch.float64)
+    distance = (x.to(torch.float64).reshape(-1, 1) - values).abs()
+    best = distance.min(dim=1, keepdim=True).values
+    # among the nearest (one, or two on a tie) the even code wins: add 0.5 to the odd ones' distance
+    pick = torch.where(distance == best, (codes % 2).to(torch.float64) * 0.5, torch.inf).argmin(dim=1)
+    return values[pick].reshape(x.shape).to(torch.float32)
+
+
 class TestGateUpFold:
     """Trap 6: gate/up with different global scales get the larger one; the smaller half is rescaled."""
 
     def setup_method(self):
         g = torch.Generator().manual_seed(1)
-        self.ws_g = (torch.rand(64, 8, generator=g) * 448).to(torch.float8_e4m3fn)
-        self.ws_u = (torch.rand(64, 8, generator=g) * 448).to(torch.float8_e4m3fn)
+        self.ws = (torch.rand(64, 8, generator=g) * 448).to(torch.float8_e4m3fn)
         self.codes = torch.randint(0, 256, (64, 64), dtype=torch.uint8, generator=g)
 
-    def test_equal_scales_are_untouched(self):
-        s = torch.tensor(2e-4)
-        out = fold_global_scales(self.ws_g, s, self.ws_u, s)
-        assert out[0] is self.ws_g and out[2] is self.ws_u
+    def test_equal_global_scales_need_no_fold(self):
+        assert gate_up_fold(2e-4, 2e-4) is None
+
+    @pytest.mark.parametrize(("gate", "up", "half"), [(1e-4, 3e-4, "gate"), (3e-4, 1e-4, "up"), (5e-4, 4.9e-4, "up")])
+    def test_the_half_with_the_smaller_global_scale_is_rescaled_by_the_float32_ratio(self, gate, up, half):
+        got_half, ratio = gate_up_fold(gate, up)
+        assert got_half == half
+        small, big = np.float32(min(gate, up)), np.float32(max(gate, up))
+        assert ratio == float(small / big) and ratio < 1
+
+    @pytest.mark.parametrize("ratio", [1 / 3, 0.9, 2**-5, 1e-3])
+    def test_folded_block_scales_are_the_nearest_e4m3_of_the_float32_product(self, ratio):
+        folded, error = fold_block_scales(self.ws, ratio)
+        exact = self.ws.to(torch.float32) * np.float32(ratio)
+        assert folded.dtype == torch.float8_e4m3fn
+        assert torch.equal(folded.to(torch.float32), _nearest_e4m3(exact))
+        rounded = folded.to(torch.float64)
+        want = float((rounded - exact.double()).norm() / exact.double().norm())
+        assert error == pytest.approx(want, rel=1e-5)
+
+    def test_a_ratio_that_empties_the_block_scales_is_over_the_limit(self):
+        _, error = fold_block_scales(self.ws, 1e-6)  # every product below e4m3's smallest subnormal
+        assert error > FOLD_MAX_REL_ERROR
 
     @pytest.mark.parametrize("smaller", ["gate", "up"])
-    def test_smaller_half_rescaled_to_the_larger_global_scale(self, smaller):
-        small, big = torch.tensor(1e-4), torch.tensor(3e-4)
-        g2, u2 = (small, big) if smaller == "gate" else (big, small)
-        ws_g, new_g2, ws_u, new_u2 = fold_global_scales(self.ws_g, g2, self.ws_u, u2)
-        assert float(new_g2) == float(new_u2) == float(big)
-        assert ws_g.dtype == ws_u.dtype == torch.float8_e4m3fn
-        assert float(ws_g.float().max()) <= 448 and float(ws_u.float().max()) <= 448
-        before = dequantize_nvfp4(self.codes, self.ws_g if smaller == "gate" else self.ws_u, small)
-        after = dequantize_nvfp4(self.codes, ws_g if smaller == "gate" else ws_u, big)
+    def test_the_folded_half_decodes_to_its_weight_under_the_larger_global_scale(self, smaller):
+        small, big = 1e-4, 3e-4
+        half, ratio = gate_up_fold(*((small, big) if smaller == "gate" else (big, small)))
+        assert half == smaller
+        folded, error = fold_block_scales(self.ws, ratio)
+        assert error <= FOLD_MAX_REL_ERROR
+        before = dequantize_nvfp4(self.codes, self.ws, torch.tensor(small))
+        after = dequantize_nvfp4(self.codes, folded, torch.tensor(big))
         # the rescaled block scales are e4m3-rounded: within one e4m3 rounding (2^-4 relative), or the
         # subnormal step, of the original weight
-        step = 2.0**-9 * float(big) * 6
+        step = 2.0**-9 * big * 6
         assert bool(((after - before).abs() <= before.abs() * 2**-4 + step).all())
-        untouched = ws_u if smaller == "gate" else ws_g
-        assert untouched is (self.ws_u if smaller == "gate" else self.ws_g)
 
 
 def test_nvfp4_quantization_packs_element_2i_in_the_low_nibble_with_the_sign_in_bit_3():
