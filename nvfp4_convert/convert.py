@@ -30,12 +30,14 @@ from .policy import Policy
 from .report import REPORT_JSON, REPORT_TEXT, render_text, report_dict
 from .safetensors_io import check_readable, write_file_atomic
 from .state import (
+    JOURNAL,
     STATE_DIR,
     RunState,
     destination_lock,
     dst_status,
     header_digest,
     plan_fingerprint,
+    read_journal,
     source_identity,
 )
 
@@ -280,10 +282,8 @@ def use_direct_io(io: str, directory: Path, plan: Plan) -> bool:
 
 
 def _already_written(dst: Path, plan: Plan) -> int:
-    journal = dst / STATE_DIR / "journal.jsonl"
-    if not journal.exists():
-        return 0
-    names = {json.loads(line).get("file") for line in journal.read_text().splitlines() if line.strip().endswith("}")}
+    """Bytes of the plan's shards that DST's journal lists as finished (read before DST's state is taken)."""
+    names = read_journal(dst / STATE_DIR / JOURNAL)
     return sum(s.nbytes for s in plan.shards if s.file in names)
 
 

@@ -25,6 +25,7 @@ from .report import REPORT_JSON
 from .safetensors_io import encode_header, fsync_dir
 
 STATE_DIR = ".nvfp4-convert"
+JOURNAL = "journal.jsonl"  # inside STATE_DIR
 
 
 def plan_fingerprint(plan: Plan) -> str:
@@ -75,6 +76,36 @@ def _changed(recorded: dict[str, list[int]], now: dict[str, list[int]]) -> str |
         if what:
             return f"{name}: {', '.join(what)} changed"
     return None
+
+
+def read_journal(path: Path) -> dict[str, dict]:
+    """The finished shards a journal records: file -> entry (``file``, ``size``, ``header_sha256``); none if absent.
+
+    The one rule for a line torn by a crash (only the last line can be: each is fsynced before the next): a line that
+    is not a whole entry is skipped, so its shard counts as unfinished and is written again.
+    """
+    if not path.exists():
+        return {}
+    out = {}
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if (
+            isinstance(entry, dict)
+            and isinstance(entry.get("file"), str)
+            and isinstance(entry.get("size"), int)
+            and isinstance(entry.get("header_sha256"), str)
+        ):
+            out[entry["file"]] = entry
+    return out
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def dst_status(dst: Path) -> str:
@@ -141,24 +172,18 @@ class RunState:
 
     @property
     def journal(self) -> Path:
-        return self.dir / "journal.jsonl"
+        return self.dir / JOURNAL
 
     def finished(self) -> dict[str, dict]:
         """Journal entries (file -> entry) of shards already finished."""
-        if not self.journal.exists():
-            return {}
-        out = {}
-        for line in self.journal.read_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a crash: that shard is simply redone
-            out[entry["file"]] = entry
-        return out
+        return read_journal(self.journal)
 
     def record(self, file: str, size: int, header_sha256: str) -> None:
-        with open(self.journal, "a") as f:
-            f.write(json.dumps({"file": file, "size": size, "header_sha256": header_sha256}) + "\n")
+        """Append one finished shard's line (after a torn last line, on a line of its own), fsynced."""
+        with open(self.journal, "ab") as f:
+            torn = f.tell() > 0 and not _ends_with_newline(self.journal)
+            entry = json.dumps({"file": file, "size": size, "header_sha256": header_sha256})
+            f.write((("\n" if torn else "") + entry + "\n").encode())
             f.flush()
             os.fsync(f.fileno())
 

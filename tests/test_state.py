@@ -1,9 +1,11 @@
 """One run per DST, really: the DST lock is taken before DST's state is read, and ``--resume`` refuses a source
-that changed since the run began (size, mtime or inode of a source file, as recorded in the run state)."""
+that changed since the run began (size, mtime or inode of a source file, as recorded in the run state); a journal
+line torn by a crash is skipped (its shard redone) by the one journal reader, ``state.read_journal``."""
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import subprocess
@@ -16,7 +18,7 @@ from conftest import REPO_FIXTURE
 from nvfp4_convert.convert import run
 from nvfp4_convert.errors import ConvertError
 from nvfp4_convert.policy import Policy
-from nvfp4_convert.state import destination_lock, dst_status
+from nvfp4_convert.state import RunState, destination_lock, dst_status, read_journal
 
 pytestmark = pytest.mark.usefixtures("src_unchanged")  # every SRC the tool opened is unchanged afterwards
 
@@ -73,3 +75,20 @@ def test_resume_refuses_a_source_that_changed_since_the_run_began(tmp_path):
         run(src, dst, Policy(), shard_bytes=150_000, resume=True)
     assert dst_status(dst) == "unfinished"
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+
+
+def test_a_torn_last_journal_line_is_skipped_and_the_next_entry_starts_a_line_of_its_own(tmp_path):
+    """One rule for a crash mid-line, in every reader (``RunState.finished``, ``run``'s free-space check): a line
+    that is not a whole entry is skipped, its shard redone; the next run's entry is not glued onto it."""
+    state = RunState(tmp_path, "fingerprint", resume=True)
+    state.dir.mkdir()
+    whole = json.dumps({"file": "model-00001-of-00003.safetensors", "size": 10, "header_sha256": "ab"})
+    torn = json.dumps({"file": "model-00002-of-00003.safetensors", "size": 20, "header_sha256": "cd"})[:-9]
+    state.journal.write_text(whole + "\n" + torn)
+    assert read_journal(state.journal) == state.finished() == {"model-00001-of-00003.safetensors": json.loads(whole)}
+    state.record("model-00003-of-00003.safetensors", 30, "ef")
+    assert sorted(read_journal(state.journal)) == [
+        "model-00001-of-00003.safetensors",
+        "model-00003-of-00003.safetensors",
+    ]
+    assert read_journal(tmp_path / "absent.jsonl") == {}
