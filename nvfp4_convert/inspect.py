@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .checkpoint import Checkpoint
-from .inventory import Role, build_inventory
+from .inventory import build_inventory
 from .safetensors_io import read_tensor
 from .state import dst_status
 
@@ -26,12 +26,7 @@ def inspect_checkpoint(path: Path, *, deep: bool = False) -> dict[str, Any]:
     formats = Counter((m.role.value, m.format) for m in inv.modules.values())
     layers = sorted({m.layer for m in inv.modules.values() if m.layer is not None})
     experts = inv.experts()
-    mismatches = []
-    for m in inv.linears(Role.ROUTED_EXPERT):
-        if m.name.endswith(".w1") and m.format == "nvfp4":
-            up = inv.modules.get(m.name[:-1] + "3")
-            if up is not None and up.global_scale != m.global_scale:
-                mismatches.append({"expert": m.name[:-3], "w1": m.global_scale, "w3": up.global_scale})
+    mismatches = [{"expert": e, "w1": g, "w3": u} for e, g, u in inv.gate_up_mismatches()]
     bad_scales: list[dict[str, Any]] = []
     if deep:
         for m in inv.linears():

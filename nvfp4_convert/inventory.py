@@ -130,6 +130,19 @@ class Inventory:
             out.setdefault(block, set()).add(int(rest.split(".")[0]))
         return {k: sorted(v) for k, v in out.items()}
 
+    def gate_up_mismatches(self) -> list[tuple[str, float, float]]:
+        """NVFP4 routed experts whose gate (w1) and up (w3) global scales differ (trap 6; vLLM applies w1's to
+        both): (expert module prefix, w1's ``weight_scale_2``, w3's), in module order."""
+        out = []
+        for gate in self.linears(Role.ROUTED_EXPERT):
+            up = self.modules.get(gate.name[:-1] + "3") if gate.name.endswith(".w1") else None
+            if up is None or gate.format != "nvfp4" or up.format != "nvfp4":
+                continue
+            assert gate.global_scale is not None and up.global_scale is not None  # set for every NVFP4 module
+            if gate.global_scale != up.global_scale:
+                out.append((gate.name.removesuffix(".w1"), gate.global_scale, up.global_scale))
+        return out
+
 
 def build_inventory(ckpt: Checkpoint, *, pass_unknown: bool = False) -> Inventory:
     """Classify every tensor of ``ckpt``; raise on anything unrecognised unless ``pass_unknown``."""

@@ -221,14 +221,10 @@ def _check_ignored_layers(inv: Inventory, cfg: dict[str, Any]) -> list[Finding]:
 
 
 def _check_gate_up(inv: Inventory) -> list[Finding]:
-    out = []
-    for m in inv.linears(Role.ROUTED_EXPERT):
-        if m.name.endswith(".w1") and m.format == "nvfp4":
-            up = inv.modules.get(m.name[:-1] + "3")
-            if up is not None and up.global_scale != m.global_scale:
-                detail = f"w1 {m.global_scale:g} != w3 {up.global_scale:g}: vLLM applies w1's to both"
-                out.append(Finding("gate/up global scale", f"{m.name[:-3]}", False, detail))
-    return out
+    return [
+        Finding("gate/up global scale", expert, ok=False, detail=f"w1 {g:g} != w3 {u:g}: vLLM applies w1's to both")
+        for expert, g, u in inv.gate_up_mismatches()
+    ]
 
 
 def _check_vllm_mapper(ckpt: Checkpoint) -> list[Finding]:

@@ -14,6 +14,7 @@ from helpers import load_all, mutated_copy
 from nvfp4_convert.codecs import dequantize_fp8_block, dequantize_nvfp4
 from nvfp4_convert.convert import run
 from nvfp4_convert.errors import ConvertError
+from nvfp4_convert.inspect import inspect_checkpoint
 from nvfp4_convert.policy import Policy
 from nvfp4_convert.safetensors_io import read_header
 
@@ -141,6 +142,11 @@ def test_6_gate_up_global_scales_are_made_equal_and_reported(tmp_path, larger):
     assert [f["expert"] for f in report["gate_up_fixes"]] == ["layers.2.ffn.experts.1"]
     assert 0 <= report["gate_up_fixes"][0]["scale_error"] < 2**-5  # the error the fix introduced, reported
     assert report["gate_up_fixes"][0]["rescaled"] == ("w3" if larger == "gate" else "w1")
+    g2, u2 = (float(src[f"{e}.{p}.weight_scale_2"]) for p in ("gate_proj", "up_proj"))
+    assert inspect_checkpoint(src_dir)["gate_up_mismatches"] == [
+        {"expert": "layers.2.ffn.experts.1", "w1": g2, "w3": u2}
+    ]
+    assert inspect_checkpoint(tmp_path / "out")["gate_up_mismatches"] == []
     for native, tf in ((w1, "gate_proj"), (w3, "up_proj")):
         assert torch.equal(out[f"{native}.weight"], src[f"{e}.{tf}.weight"])  # FP4 codes unchanged
         before = dequantize_nvfp4(
@@ -179,7 +185,6 @@ def test_7_pass_unknown_keeps_it_and_says_so(tmp_path):
 def test_6_a_fold_that_would_zero_a_half_is_refused_by_name(tmp_path):
     """A large ratio between the two global scales pushes the smaller half's block scales below e4m3's range:
     the run refuses naming the tensor instead of writing an expert whose half decodes to (nearly) zero."""
-    from nvfp4_convert.errors import ConvertError
 
     e = f"{L2}.mlp.experts.1"
 
