@@ -100,6 +100,8 @@ def release_rope(config: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def quantization_config(ignored_layers: list[str]) -> dict[str, Any]:
+    """The output's ``quantization_config``: block FP8 (128x128, ue8m0 scales), NVFP4 routed experts, and the
+    modules vLLM must build unquantized; ``verify`` checks a checkpoint against it."""
     return {
         "quant_method": "fp8",
         "fmt": "e4m3",
