@@ -150,8 +150,8 @@ def build_plan(inv: Inventory, policy: Policy, source: Path, *, shard_bytes: int
     plan.ignored_layers = ignored_layers(inv, policy)
     if not any(m.name.startswith("mtp.") for m in inv.modules.values()):
         plan.notes.append("no MTP block (mtp.*) in the source: nothing to convert for speculative decoding")
-    if policy.name == "bf16":
-        plan.notes.append("BF16 wo_a needs vLLM >= 0.30")
+    if policy.bf16_wo_a:
+        plan.notes.append(f"BF16 wo_a needs vLLM >= {policy.min_vllm}")
     plan.outputs.sort(key=_read_order)
     plan.shards = assign_shards(plan.outputs, shard_bytes)
     _check_accounting(inv, plan)

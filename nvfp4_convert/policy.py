@@ -32,6 +32,8 @@ class Target(str, Enum):
 
 
 ATTENTION_PROJECTIONS = ("wq_a", "wkv", "wq_b", "wo_a", "wo_b", "indexer.wq_b")
+MIN_VLLM = "0.22"  # moe_quant_algo NVFP4 (CONTRACT.md section 5)
+MIN_VLLM_BF16_WO_A = "0.30"  # BF16 wo_a accepted (CONTRACT.md section 5)
 PRESETS = ("default", "fp8", "bf16")
 EXPERT_FORMATS = ("nvfp4", "bf16")
 
@@ -74,9 +76,14 @@ class Policy:
         return Target.COPY
 
     @property
+    def bf16_wo_a(self) -> bool:
+        """Whether ``wo_a`` is written BF16, which only vLLM >= ``MIN_VLLM_BF16_WO_A`` builds."""
+        return self.attention_target("wo_a") == Target.BF16
+
+    @property
     def min_vllm(self) -> str:
         """Oldest vLLM release that serves this layout."""
-        return "0.30" if self.name == "bf16" else "0.22"
+        return MIN_VLLM_BF16_WO_A if self.bf16_wo_a else MIN_VLLM
 
     def describe(self) -> str:
         attn = ", ".join(f"{p}={self.attention_target(p).value}" for p in ATTENTION_PROJECTIONS)

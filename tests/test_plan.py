@@ -79,3 +79,14 @@ def test_nvfp4_experts_need_nvfp4_source(tmp_path):
     with pytest.raises(ConvertError, match="--experts bf16"):
         build_plan(inv, Policy(), src)
     assert build_plan(inv, Policy(experts="bf16"), src).outputs  # a BF16 reference is still possible
+
+
+@pytest.mark.parametrize(("preset", "min_vllm"), [("default", "0.22"), ("fp8", "0.22"), ("bf16", "0.30")])
+def test_the_oldest_vllm_follows_wo_a_and_the_plan_says_so(preset, min_vllm):
+    """BF16 ``wo_a`` needs vLLM >= 0.30 (CONTRACT.md section 5): one rule, in the policy, behind the report's
+    ``min_vllm`` and the plan's note alike."""
+    policy = Policy(preset)
+    assert policy.min_vllm == min_vllm
+    plan = prepare(REPO_FIXTURE, policy).plan
+    notes = [n for n in plan.notes if "wo_a" in n]
+    assert notes == (["BF16 wo_a needs vLLM >= 0.30"] if preset == "bf16" else [])
