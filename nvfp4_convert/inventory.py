@@ -22,7 +22,7 @@ import torch
 from .checkpoint import Checkpoint
 from .codecs import FP4_BLOCK, fp8_scale_shape
 from .errors import ConvertError
-from .naming import Naming, detect_naming, native_name
+from .naming import LINEAR_PARAMS, Naming, detect_naming, native_name
 from .safetensors_io import TensorInfo, read_tensor
 
 
@@ -67,7 +67,6 @@ _TENSOR_ROLE_RULES: list[tuple[re.Pattern[str], Role]] = [
     (re.compile(r"(norm|enorm|hnorm)\.weight$"), Role.NORM),
     (re.compile(r"(^|\.)hc_(attn|ffn|head)_(fn|base|scale)$"), Role.HYPER_CONNECTION),
 ]
-_LINEAR_PARAMS = {"weight", "weight_scale", "weight_scale_2", "input_scale", "scale"}
 _FLOAT_DTYPES = {"BF16", "F16", "F32"}
 
 
@@ -161,7 +160,7 @@ def build_inventory(ckpt: Checkpoint, *, pass_unknown: bool = False) -> Inventor
             unknown[name.removeprefix("model.")] = info
             continue
         module, _, param = native.rpartition(".")
-        if param in _LINEAR_PARAMS and linear_role(module) is not None:
+        if param in LINEAR_PARAMS and linear_role(module) is not None:
             grouped.setdefault(module, {})[param] = info
         else:
             plain[native] = info

@@ -17,7 +17,7 @@ Naming = Literal["transformers", "native"]
 
 # Parameters of a (possibly ModelOpt-quantized) linear module.
 LINEAR_PARAMS = ("weight", "weight_scale", "weight_scale_2", "input_scale", "scale")
-_P = "(weight|weight_scale|weight_scale_2|input_scale|scale)"
+_P = f"({'|'.join(LINEAR_PARAMS)})"
 
 # Linear modules inside one decoder layer: transformers path -> native path.
 _LAYER_LINEARS: dict[str, str] = {
@@ -110,7 +110,7 @@ def to_native(name: str) -> str | None:
         if _MTP_OWN.match(rest):
             return f"mtp.{idx}.{rest}"
         native_rest = _layer_rest_to_native(rest)
-        if native_rest is None and is_native_layer_rest(rest):
+        if native_rest is None and _is_native_layer_rest(rest):
             native_rest = rest
         return f"mtp.{idx}.{native_rest}" if native_rest else None
     return None
@@ -124,7 +124,7 @@ _NATIVE_TOP = set(_TOP.values())
 _NATIVE_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
-def is_native_layer_rest(rest: str) -> bool:
+def _is_native_layer_rest(rest: str) -> bool:
     """True when ``rest`` (after ``layers.N.``) is a native DeepSeek-V4 layer tensor name."""
     if rest in _NATIVE_LAYER_PLAIN or _NATIVE_EXPERT_RE.match(rest):
         return True
@@ -138,10 +138,10 @@ def is_native(name: str) -> bool:
         return True
     m = _NATIVE_LAYER_RE.match(name)
     if m:
-        return is_native_layer_rest(m.group(2))
+        return _is_native_layer_rest(m.group(2))
     m = _MTP_RE.match(name)
     if m and not name.startswith("model."):
-        return bool(_MTP_OWN.match(m.group(2)) or is_native_layer_rest(m.group(2)))
+        return bool(_MTP_OWN.match(m.group(2)) or _is_native_layer_rest(m.group(2)))
     return False
 
 
@@ -160,15 +160,3 @@ def native_name(name: str, naming: Naming) -> str | None:
     if naming == "native":
         return name if is_native(name) else None
     return to_native(name)
-
-
-def split_param(native: str) -> tuple[str, str]:
-    """Split a native tensor name into (module, parameter): ``a.b.weight`` -> (``a.b``, ``weight``)."""
-    module, _, param = native.rpartition(".")
-    return module, param
-
-
-def layer_index(native: str) -> int | None:
-    """Decoder layer of a native name (``layers.N.*``), ``None`` for top-level and MTP tensors."""
-    m = _NATIVE_LAYER_RE.match(native)
-    return int(m.group(1)) if m else None

@@ -33,7 +33,7 @@ from .config_emit import quantization_config, vllm_config
 from .errors import ConvertError
 from .execute import decode_rows
 from .inventory import Inventory, Module, Role, build_inventory
-from .naming import native_name
+from .naming import Naming, detect_naming, native_name
 from .plan import OutputTensor, build_plan, decode_sources, ignore_names
 from .policy import Policy
 from .report import REPORT_JSON
@@ -341,8 +341,10 @@ def _compare(o: OutputTensor, got: TensorInfo, out_ckpt: Checkpoint, sample: int
 def _reference_tensors(ref: Path) -> tuple[Checkpoint, dict[str, tuple[TensorInfo, int | None, slice | None]]]:
     """Native weight name -> (reference tensor, expert index into a fused tensor, row slice)."""
     ckpt = Checkpoint.open(ref, require_config=False)
-    names = list(ckpt.tensors)
-    naming = "native" if any(n.startswith("layers.") for n in names) else "transformers"
+    try:
+        naming: Naming = detect_naming(ckpt.tensors)
+    except ValueError:  # no landmark: no weight will be found, and each linear says so
+        naming = "transformers"
     table: dict[str, tuple[TensorInfo, int | None, slice | None]] = {}
     for name, info in ckpt.tensors.items():
         fused = re.match(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$", name)
@@ -357,7 +359,7 @@ def _reference_tensors(ref: Path) -> tuple[Checkpoint, dict[str, tuple[TensorInf
                     table[f"{p}.w1.weight"] = (info, e, slice(0, half))
                     table[f"{p}.w3.weight"] = (info, e, slice(half, 2 * half))
             continue
-        native = native_name(name, naming)  # type: ignore[arg-type]
+        native = native_name(name, naming)
         if native is not None:
             table[native] = (info, None, None)
     return ckpt, table
