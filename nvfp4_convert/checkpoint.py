@@ -50,7 +50,7 @@ class Checkpoint:
         path = Path(path)
         if not path.is_dir():
             raise ConvertError("not a directory", file=path)
-        links = _checked_links(path, allow_outside_links)
+        links = _checked_links(path, allow_outside=allow_outside_links)
         shards = _shard_files(path)
         tensors: dict[str, TensorInfo] = {}
         for shard in shards:
@@ -84,7 +84,7 @@ class Checkpoint:
 _BLOB_NAME = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")  # a Hugging Face cache blob: git or sha256 hash
 
 
-def _checked_links(path: Path, allow_outside: bool) -> dict[str, str]:
+def _checked_links(path: Path, *, allow_outside: bool) -> dict[str, str]:
     """Every symlink at SRC's top level (where all it reads lives) -> its target, refusing ones that leave SRC.
 
     A Hugging Face cache snapshot's link is followed when it resolves to a file named by a hash directly in the

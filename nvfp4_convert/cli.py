@@ -2,7 +2,9 @@
 
 Commands: ``run`` (convert), ``plan`` (what run would do, writes nothing), ``inspect`` (what a
 checkpoint holds), ``demo`` (convert the tiny fixture shipped in the repo into a temporary folder).
-Every ``ConvertError`` becomes one red line and exit code 1.
+Every ``ConvertError`` becomes one red line and exit code 1. Options with a fixed set of values (``--policy``,
+``--experts``, ``--io``) are enums (``policy.Preset``, ``policy.ExpertFormat``, ``convert.IOMode``): Typer refuses
+any other value before a command runs, in one line with exit code 2 (``main_entry``).
 """
 
 from __future__ import annotations
@@ -31,13 +33,13 @@ from rich.progress import (
 from rich.table import Table
 
 from . import __version__
-from .convert import Prepared, prepare, run
+from .convert import IOMode, Prepared, prepare, run
 from .errors import ConvertError
 from .execute import default_workers
 from .inspect import inspect_checkpoint
 from .plan import Plan
 from .plots import graft_series, layer_series, plot_layer_series, require_matplotlib
-from .policy import Policy
+from .policy import ExpertFormat, Policy, Preset
 from .preflight.check import Options as PreflightOptions
 from .preflight.check import Unavailable, preflight
 from .preflight.faults import FAULTS
@@ -56,8 +58,10 @@ out = Console()
 
 DEMO_FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tiny-dsv4"
 
-PolicyOpt = Annotated[str, typer.Option("--policy", help="default | fp8 | bf16 (non-expert linears)")]
-ExpertsOpt = Annotated[str, typer.Option("--experts", help="nvfp4 (keep bytes) | bf16 (dequantized reference)")]
+PolicyOpt = Annotated[Preset, typer.Option("--policy", help="precision of the non-expert linears")]
+ExpertsOpt = Annotated[
+    ExpertFormat, typer.Option("--experts", help="routed experts: nvfp4 (keep bytes) or bf16 (dequantized reference)")
+]
 RefOpt = Annotated[
     Path | None,
     typer.Option("--attention-from", help="take every non-expert linear from this BF16/FP8 reference checkpoint"),
@@ -86,7 +90,7 @@ def _fail_cleanly(fn: Callable[[], Any], *, on_interrupt: str = "") -> Any:
     except ConvertError as e:
         _error(str(e))
         raise typer.Exit(1) from None
-    except ValueError as e:  # bad option values (policy names, sizes)
+    except ValueError as e:  # bad option values (sizes, preflight's options)
         _error(str(e))
         raise typer.Exit(2) from None
     except OSError as e:
@@ -129,8 +133,8 @@ def _print_plan(plan: Plan) -> None:
 @app.command("plan")
 def plan_cmd(
     src: Annotated[Path, typer.Argument(help="ModelOpt NVFP4 checkpoint directory")],
-    policy: PolicyOpt = "default",
-    experts: ExpertsOpt = "nvfp4",
+    policy: PolicyOpt = Preset.DEFAULT,
+    experts: ExpertsOpt = ExpertFormat.NVFP4,
     shard_size: Annotated[str, typer.Option(help="target output shard size")] = "5GB",
     pass_unknown: Annotated[bool, typer.Option(help="pass unrecognised tensors through (loudly)")] = False,
     attention_from: RefOpt = None,
@@ -142,7 +146,7 @@ def plan_cmd(
     def go() -> None:
         prep = prepare(
             src,
-            Policy(policy, experts),
+            Policy(policy.value, experts.value),
             shard_bytes=parse_size(shard_size),
             pass_unknown=pass_unknown,
             attention_from=attention_from,
@@ -161,8 +165,8 @@ def plan_cmd(
 def run_cmd(
     src: Annotated[Path, typer.Argument(help="ModelOpt NVFP4 checkpoint directory (read-only)")],
     dst: Annotated[Path, typer.Argument(help="output directory (new or empty; or an unfinished run with --resume)")],
-    policy: PolicyOpt = "default",
-    experts: ExpertsOpt = "nvfp4",
+    policy: PolicyOpt = Preset.DEFAULT,
+    experts: ExpertsOpt = ExpertFormat.NVFP4,
     workers: Annotated[int, typer.Option(help="parallel worker processes (0 = half the cores)")] = 0,
     shard_size: Annotated[str, typer.Option(help="target output shard size")] = "5GB",
     resume: Annotated[bool, typer.Option(help="continue an unfinished run in DST")] = False,
@@ -175,8 +179,11 @@ def run_cmd(
         typer.Option("--plot", help="with --attention-from: per-layer error, NVFP4-derived vs grafted (PNG)"),
     ] = None,
     io: Annotated[
-        str, typer.Option(help="auto | direct (O_DIRECT, no page cache) | buffered (page cache, copy_file_range)")
-    ] = "auto",
+        IOMode,
+        typer.Option(
+            help="direct (O_DIRECT, no page cache), buffered (page cache, copy_file_range), or auto: direct where accepted"
+        ),
+    ] = IOMode.AUTO,
 ) -> None:
     """Convert SRC into a checkpoint stock vLLM serves."""
     if plot is not None and attention_from is None:
@@ -188,13 +195,13 @@ def run_cmd(
     def go() -> None:
         prep = prepare(
             src,
-            Policy(policy, experts),
+            Policy(policy.value, experts.value),
             shard_bytes=parse_size(shard_size),
             pass_unknown=pass_unknown,
             attention_from=attention_from,
             allow_outside_links=allow_outside_links,
         )
-        report = _run(prep, dst, workers=workers, resume=resume, quiet=quiet, io=io)
+        report = _run(prep, dst, workers=workers, resume=resume, quiet=quiet, io=io.value)
         if plot is not None:
             panels = graft_series(report.get("graft_errors") or [])
             plot_layer_series(panels, plot, f"{src.name} grafted from {attention_from.name if attention_from else ''}")
@@ -321,7 +328,9 @@ def verify_cmd(
             source=source,
             reference=reference,
             sample=sample,
-            thresholds=Thresholds(max_rel_error, min_cosine, max_matmul_rel_error),
+            thresholds=Thresholds(
+                max_rel_error=max_rel_error, min_cosine=min_cosine, max_matmul_rel_error=max_matmul_rel_error
+            ),
         )
         table = Table(
             title=f"verify {literal(str(dst))}: {result['checks']} checks, {result['failed']} failed (worst first)"
@@ -353,8 +362,8 @@ def verify_cmd(
 
 @app.command("demo")
 def demo_cmd(
-    policy: PolicyOpt = "default",
-    experts: ExpertsOpt = "nvfp4",
+    policy: PolicyOpt = Preset.DEFAULT,
+    experts: ExpertsOpt = ExpertFormat.NVFP4,
 ) -> None:
     """Convert the tiny ModelOpt fixture shipped in the repo into a temporary folder."""
     if not DEMO_FIXTURE.exists():
@@ -366,7 +375,7 @@ def demo_cmd(
     out.print(f"[bold]demo[/]: {literal(str(DEMO_FIXTURE))} -> {literal(str(dst))}")
 
     def go() -> None:
-        prep = prepare(DEMO_FIXTURE, Policy(policy, experts))
+        prep = prepare(DEMO_FIXTURE, Policy(policy.value, experts.value))
         _print_plan(prep.plan)
         _run(prep, dst, workers=1, resume=False, quiet=True)
         info = inspect_checkpoint(dst)
@@ -382,8 +391,8 @@ app.command("probe")(probe_cmd)
 
 @app.command("preflight")
 def preflight_cmd(
-    policy: PolicyOpt = "default",
-    experts: ExpertsOpt = "nvfp4",
+    policy: PolicyOpt = Preset.DEFAULT,
+    experts: ExpertsOpt = ExpertFormat.NVFP4,
     device: Annotated[str, typer.Option("--device", help="auto | cuda | cpu (vLLM's CPU build)")] = "auto",
     python: Annotated[str, typer.Option("--python", help="the interpreter that has vLLM")] = sys.executable,
     tensor_parallel_size: Annotated[int, typer.Option("--tensor-parallel-size", min=1)] = 1,
@@ -417,8 +426,8 @@ def preflight_cmd(
         _error(f"unknown device {device!r} (auto, cuda or cpu)")
         raise typer.Exit(2)
     opts = PreflightOptions(
-        policy=policy,
-        experts=experts,
+        policy=policy.value,
+        experts=experts.value,
         device=device,
         python=python,
         tensor_parallel_size=tensor_parallel_size,

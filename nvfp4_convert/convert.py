@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, replace
+from enum import Enum
 from pathlib import Path
 
 from . import direct_io, model_shapes
@@ -183,7 +184,9 @@ def run(
     try:
         with destination_lock(dst):
             locked = True
-            return _run_locked(src, dst, prep, t0, resume, workers, io, progress, created)
+            return _run_locked(
+                src, dst, prep, t0=t0, resume=resume, workers=workers, io=io, progress=progress, created=created
+            )
     except BaseException:
         # refused before a byte was written: leave no trace (never for a DST another run holds)
         if created and locked and dst_status(dst) == "empty":
@@ -195,6 +198,7 @@ def _run_locked(
     src: Path,
     dst: Path,
     prep: Prepared,
+    *,
     t0: float,
     resume: bool,
     workers: int,
@@ -266,7 +270,15 @@ def _run_locked(
     return report
 
 
-IO_MODES = ("auto", "direct", "buffered")
+class IOMode(str, Enum):
+    """``--io``: how shards are written and expert bytes copied (see ``run``)."""
+
+    AUTO = "auto"
+    DIRECT = "direct"
+    BUFFERED = "buffered"
+
+
+IO_MODES = tuple(m.value for m in IOMode)
 
 
 def use_direct_io(io: str, directory: Path, plan: Plan) -> bool:

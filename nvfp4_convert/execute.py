@@ -282,7 +282,7 @@ def _worker_progress(nbytes: int, ntensors: int) -> None:
     _queue.put((nbytes, ntensors))  # type: ignore[attr-defined]
 
 
-def _write_shard_in_worker(shard: Shard, dst: Path, direct: bool) -> ShardResult:
+def _write_shard_in_worker(shard: Shard, dst: Path, *, direct: bool) -> ShardResult:
     return write_shard(shard, dst, _worker_progress if _queue is not None else None, direct=direct)
 
 
@@ -309,7 +309,7 @@ def write_shards(
     ctx = get_context("spawn")
     queue = ctx.Manager().Queue() if progress else None
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
-        pending = {pool.submit(_write_shard_in_worker, s, dst, direct) for s in shards}
+        pending = {pool.submit(_write_shard_in_worker, s, dst, direct=direct) for s in shards}
         while pending:
             done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
             _drain(queue, progress)

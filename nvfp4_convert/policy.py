@@ -31,11 +31,26 @@ class Target(str, Enum):
     COPY = "copy"  # a non-linear tensor or the router, dtype and bytes kept
 
 
+class Preset(str, Enum):
+    """``--policy``: the precision preset of the non-expert linears."""
+
+    DEFAULT = "default"
+    FP8 = "fp8"
+    BF16 = "bf16"
+
+
+class ExpertFormat(str, Enum):
+    """``--experts``: the routed experts' output format."""
+
+    NVFP4 = "nvfp4"  # ModelOpt's bytes kept
+    BF16 = "bf16"  # dequantized: a reference checkpoint
+
+
 ATTENTION_PROJECTIONS = ("wq_a", "wkv", "wq_b", "wo_a", "wo_b", "indexer.wq_b")
 MIN_VLLM = "0.22"  # moe_quant_algo NVFP4 (CONTRACT.md section 5)
 MIN_VLLM_BF16_WO_A = "0.30"  # BF16 wo_a accepted (CONTRACT.md section 5)
-PRESETS = ("default", "fp8", "bf16")
-EXPERT_FORMATS = ("nvfp4", "bf16")
+PRESETS = tuple(p.value for p in Preset)
+EXPERT_FORMATS = tuple(f.value for f in ExpertFormat)
 
 
 @dataclass(frozen=True)
@@ -49,7 +64,7 @@ class Policy:
         if self.name not in PRESETS:
             raise ValueError(f"unknown policy {self.name!r}; choose one of {', '.join(PRESETS)}")
         if self.experts not in EXPERT_FORMATS:
-            raise ValueError(f"unknown experts format {self.experts!r}; choose nvfp4 or bf16")
+            raise ValueError(f"unknown experts format {self.experts!r}; choose one of {', '.join(EXPERT_FORMATS)}")
 
     def attention_target(self, projection: str) -> Target:
         if self.name == "fp8" or (self.name == "default" and projection == "wo_a"):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from .state import dst_status
 class Finding:
     check: str
     tensor: str
+    _: KW_ONLY  # the verdict and what follows are named at every call
     ok: bool
     detail: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
@@ -65,17 +66,17 @@ class Thresholds:
 def check_structure(dst: Path) -> list[Finding]:
     out: list[Finding] = []
     status = dst_status(dst)
-    out.append(Finding("finished", str(dst), status == "finished", f"destination is {status}"))
+    out.append(Finding("finished", str(dst), ok=status == "finished", detail=f"destination is {status}"))
     try:
         ckpt = Checkpoint.open(dst)
         inv = build_inventory(ckpt, pass_unknown=True)
     except ConvertError as e:
-        return [*out, Finding("readable", e.tensor or str(dst), False, str(e))]
+        return [*out, Finding("readable", e.tensor or str(dst), ok=False, detail=str(e))]
     out += _check_index(ckpt)
     out += _check_config(ckpt.config)
-    out += [Finding("native names", name, False, "not a native DeepSeek-V4 name") for name in inv.unknown]
+    out += [Finding("native names", name, ok=False, detail="not a native DeepSeek-V4 name") for name in inv.unknown]
     if inv.naming != "native":
-        out.append(Finding("native names", str(dst), False, f"{inv.naming} names"))
+        out.append(Finding("native names", str(dst), ok=False, detail=f"{inv.naming} names"))
     for m in inv.linears():
         out += _check_module_format(m)
     out += _check_expected_modules(inv, ckpt.config)
@@ -88,10 +89,15 @@ def check_structure(dst: Path) -> list[Finding]:
 def _check_index(ckpt: Checkpoint) -> list[Finding]:
     index = ckpt.path / "model.safetensors.index.json"
     if not index.exists():
-        return [Finding("index", str(index), False, "missing")]
+        return [Finding("index", str(index), ok=False, detail="missing")]
     total = json.loads(index.read_text()).get("metadata", {}).get("total_size")
     return [
-        Finding("index", index.name, total == ckpt.total_bytes, f"total_size {total}, tensors hold {ckpt.total_bytes}")
+        Finding(
+            "index",
+            index.name,
+            ok=total == ckpt.total_bytes,
+            detail=f"total_size {total}, tensors hold {ckpt.total_bytes}",
+        )
     ]
 
 
@@ -99,20 +105,31 @@ def _check_config(cfg: dict[str, Any]) -> list[Finding]:
     q = cfg.get("quantization_config") or {}
     want = {k: v for k, v in quantization_config([]).items() if k != "ignored_layers"}  # checked on its own
     out = [
-        Finding("config", f"quantization_config.{k}", q.get(k) == v, f"{q.get(k)!r}, want {v!r}")
+        Finding("config", f"quantization_config.{k}", ok=q.get(k) == v, detail=f"{q.get(k)!r}, want {v!r}")
         for k, v in want.items()
     ]
-    out.append(Finding("config", "topk_method", cfg.get("topk_method") == "noaux_tc", repr(cfg.get("topk_method"))))
     out.append(
-        Finding("config", "expert_dtype", cfg.get("expert_dtype", "fp4") == "fp4", repr(cfg.get("expert_dtype")))
+        Finding("config", "topk_method", ok=cfg.get("topk_method") == "noaux_tc", detail=repr(cfg.get("topk_method")))
     )
-    out.append(Finding("config", "mlp_layer_types", "mlp_layer_types" not in cfg, "must be absent for vLLM <= 0.32"))
-    n = int(cfg.get("num_hidden_layers", 0)) + int(cfg.get("num_nextn_predict_layers") or 0)
-    ratios = cfg.get("compress_ratios") or []
-    out.append(Finding("config", "compress_ratios", len(ratios) >= n, f"{len(ratios)} entries for {n} layers"))
     out.append(
         Finding(
-            "config", "num_hash_layers", isinstance(cfg.get("num_hash_layers"), int), repr(cfg.get("num_hash_layers"))
+            "config", "expert_dtype", ok=cfg.get("expert_dtype", "fp4") == "fp4", detail=repr(cfg.get("expert_dtype"))
+        )
+    )
+    out.append(
+        Finding("config", "mlp_layer_types", ok="mlp_layer_types" not in cfg, detail="must be absent for vLLM <= 0.32")
+    )
+    n = int(cfg.get("num_hidden_layers", 0)) + int(cfg.get("num_nextn_predict_layers") or 0)
+    ratios = cfg.get("compress_ratios") or []
+    out.append(
+        Finding("config", "compress_ratios", ok=len(ratios) >= n, detail=f"{len(ratios)} entries for {n} layers")
+    )
+    out.append(
+        Finding(
+            "config",
+            "num_hash_layers",
+            ok=isinstance(cfg.get("num_hash_layers"), int),
+            detail=repr(cfg.get("num_hash_layers")),
         )
     )
     return out
@@ -125,20 +142,26 @@ def _check_module_format(m: Module) -> list[Finding]:
             Finding(
                 "no stale NVFP4",
                 f"{m.name}.weight_scale",
-                False,
-                "NVFP4 tensors left on a module vLLM builds as FP8/BF16",
+                ok=False,
+                detail="NVFP4 tensors left on a module vLLM builds as FP8/BF16",
             )
         ]
     if m.format == "fp8":
         scale = m.params["scale"]
         if scale.dtype != "F8_E8M0":
-            return [Finding("fp8 scale dtype", scale.name, False, f"{scale.dtype}, want F8_E8M0 (float8_e8m0fnu)")]
+            return [
+                Finding("fp8 scale dtype", scale.name, ok=False, detail=f"{scale.dtype}, want F8_E8M0 (float8_e8m0fnu)")
+            ]
         if scale.shape != fp8_scale_shape(*m.params["weight"].shape):
-            return [Finding("fp8 scale shape", scale.name, False, f"{list(scale.shape)}")]
+            return [Finding("fp8 scale shape", scale.name, ok=False, detail=f"{list(scale.shape)}")]
         pow2 = bool(is_power_of_two(read_tensor(scale)).all())
-        return [Finding("fp8 scale power of two", scale.name, pow2, "" if pow2 else "a scale is not a power of two")]
+        return [
+            Finding(
+                "fp8 scale power of two", scale.name, ok=pow2, detail="" if pow2 else "a scale is not a power of two"
+            )
+        ]
     if m.format == "dense" and m.params["weight"].dtype != "BF16":
-        return [Finding("bf16", m.params["weight"].name, False, f"{m.params['weight'].dtype}, want BF16")]
+        return [Finding("bf16", m.params["weight"].name, ok=False, detail=f"{m.params['weight'].dtype}, want BF16")]
     return []
 
 
@@ -176,20 +199,20 @@ def _check_expected_modules(inv: Inventory, cfg: dict[str, Any]) -> list[Finding
     try:
         wanted = expected_tensors(cfg)
     except (KeyError, ValueError) as e:
-        return [Finding("complete", "config.json", False, f"cannot derive the expected modules: {e}")]
+        return [Finding("complete", "config.json", ok=False, detail=f"cannot derive the expected modules: {e}")]
     out = [
-        Finding("complete", n, False, "missing: vLLM would leave this parameter uninitialised")
+        Finding("complete", n, ok=False, detail="missing: vLLM would leave this parameter uninitialised")
         for n in wanted
         if n not in present
     ]
     for m in inv.linears(Role.ROUTED_EXPERT):
         if m.format == "nvfp4":
             out += [
-                Finding("complete", f"{m.name}.{p}", False, "NVFP4 expert tensor missing")
+                Finding("complete", f"{m.name}.{p}", ok=False, detail="NVFP4 expert tensor missing")
                 for p in ("weight_scale", "weight_scale_2", "input_scale")
                 if p not in m.params
             ]
-    return out or [Finding("complete", "all modules", True, f"{len(wanted)} expected tensors present")]
+    return out or [Finding("complete", "all modules", ok=True, detail=f"{len(wanted)} expected tensors present")]
 
 
 def bf16_modules_needing_ignore(inv: Inventory) -> set[str]:
@@ -201,16 +224,20 @@ def _check_ignored_layers(inv: Inventory, cfg: dict[str, Any]) -> list[Finding]:
     listed = set((cfg.get("quantization_config") or {}).get("ignored_layers") or [])
     need = bf16_modules_needing_ignore(inv)
     out = [
-        Finding("ignored_layers", n, False, "BF16 module missing from ignored_layers: vLLM would build it FP8")
+        Finding(
+            "ignored_layers", n, ok=False, detail="BF16 module missing from ignored_layers: vLLM would build it FP8"
+        )
         for n in sorted(need - listed)
     ]
     fp8 = {m.name for m in inv.linears() if m.format == "fp8"}
     out += [
-        Finding("ignored_layers", n, False, "FP8 module listed in ignored_layers: vLLM would build it BF16")
+        Finding("ignored_layers", n, ok=False, detail="FP8 module listed in ignored_layers: vLLM would build it BF16")
         for n in sorted(listed & fp8)
     ]
     return out or [
-        Finding("ignored_layers", "quantization_config", True, f"{len(listed)} entries match the BF16 modules")
+        Finding(
+            "ignored_layers", "quantization_config", ok=True, detail=f"{len(listed)} entries match the BF16 modules"
+        )
     ]
 
 
@@ -228,8 +255,8 @@ def _check_vllm_mapper(ckpt: Checkpoint) -> list[Finding]:
         return []
     mapper = DeepseekV4ForCausalLM.hf_to_vllm_mapper
     unmapped = [n for n in ckpt.tensors if not n.startswith("mtp.") and mapper._map_name(n) is None]
-    return [Finding("vllm mapper", n, False, "vLLM's weight mapper drops this name") for n in unmapped] or [
-        Finding("vllm mapper", "all names", True, "every name maps through vLLM's hf_to_vllm_mapper")
+    return [Finding("vllm mapper", n, ok=False, detail="vLLM's weight mapper drops this name") for n in unmapped] or [
+        Finding("vllm mapper", "all names", ok=True, detail="every name maps through vLLM's hf_to_vllm_mapper")
     ]
 
 
@@ -259,19 +286,21 @@ def check_against_source(dst: Path, src: Path, *, sample: int | None = None) -> 
         Finding(
             "config vs source",
             "config.json",
-            expected_config == out_ckpt.config,
-            "matches the plan" if expected_config == out_ckpt.config else "differs from what the plan writes",
+            ok=expected_config == out_ckpt.config,
+            detail="matches the plan" if expected_config == out_ckpt.config else "differs from what the plan writes",
         )
     ]
     seen_experts: dict[str, int] = {}
     for o in plan.outputs:
         got = out_ckpt.tensors.get(o.name)
         if got is None:
-            findings.append(Finding("vs source", o.name, False, "missing from the output"))
+            findings.append(Finding("vs source", o.name, ok=False, detail="missing from the output"))
             continue
         if (got.dtype, got.shape) != (o.dtype, o.shape):
             findings.append(
-                Finding("vs source", o.name, False, f"{got.dtype}{list(got.shape)}, want {o.dtype}{list(o.shape)}")
+                Finding(
+                    "vs source", o.name, ok=False, detail=f"{got.dtype}{list(got.shape)}, want {o.dtype}{list(o.shape)}"
+                )
             )
             continue
         if sample and ".ffn.experts." in o.name:
@@ -282,7 +311,9 @@ def check_against_source(dst: Path, src: Path, *, sample: int | None = None) -> 
                 continue
         findings.append(_compare(o, got, out_ckpt, sample))
     extra = sorted(set(out_ckpt.tensors) - {o.name for o in plan.outputs})
-    findings += [Finding("vs source", n, False, "in the output but not in the plan (stale or foreign)") for n in extra]
+    findings += [
+        Finding("vs source", n, ok=False, detail="in the output but not in the plan (stale or foreign)") for n in extra
+    ]
     return findings
 
 
@@ -293,7 +324,7 @@ def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _compare(o: OutputTensor, got: TensorInfo, out_ckpt: Checkpoint, sample: int | None) -> Finding:
     if o.op == "copy":
         same = all(_same_bytes(read_rows(got, a, b), read_rows(o.sources[0], a, b)) for a, b in _rows(got, sample))
-        return Finding("vs source: bytes", o.name, same, "" if same else "bytes differ from the source")
+        return Finding("vs source: bytes", o.name, ok=same, detail="" if same else "bytes differ from the source")
     if o.op == "bf16":
         worst = 0
         for a, b in _rows(got, sample):
@@ -301,11 +332,11 @@ def _compare(o: OutputTensor, got: TensorInfo, out_ckpt: Checkpoint, sample: int
             have = read_rows(got, a, b)
             bad = (have.view(torch.int16) != want.view(torch.int16)) & ~((have == 0) & (want == 0))
             worst += int(bad.sum())
-        return Finding("vs source: bf16 exact", o.name, worst == 0, f"{worst} values differ" if worst else "")
+        return Finding("vs source: bf16 exact", o.name, ok=worst == 0, detail=f"{worst} values differ" if worst else "")
     if o.op == "fp8_weight":
         scale = out_ckpt.tensors.get(o.name.removesuffix(".weight") + ".scale")
         if scale is None:
-            return Finding("vs source: fp8", o.name, False, "FP8 weight without its scale")
+            return Finding("vs source: fp8", o.name, ok=False, detail="FP8 weight without its scale")
         worst = 0.0
         for a, b in _rows(got, sample):
             x = decode_rows(o.sources, a, b)
@@ -318,21 +349,21 @@ def _compare(o: OutputTensor, got: TensorInfo, out_ckpt: Checkpoint, sample: int
         return Finding(
             "vs source: fp8 within e4m3",
             o.name,
-            worst <= 1.0,
-            f"error {worst:.3g}x the e4m3 bound",
-            {"bound_ratio": worst},
+            ok=worst <= 1.0,
+            detail=f"error {worst:.3g}x the e4m3 bound",
+            metrics={"bound_ratio": worst},
         )
     if o.op == "fp8_scale":
-        return Finding("vs source: fp8 scale", o.name, True, "checked with its weight")
+        return Finding("vs source: fp8 scale", o.name, ok=True, detail="checked with its weight")
     if o.op == "fold_scale":
         have, want = (
             read_tensor(got).to(torch.float32),
             read_tensor(o.sources[0]).to(torch.float32) * float(o.value or 1),
         )
         ok = bool(((have - want).abs() <= want.abs() * 2**-4 + 2**-9).all())
-        return Finding("vs source: folded scale", o.name, ok, "" if ok else "rescaled block scales off")
+        return Finding("vs source: folded scale", o.name, ok=ok, detail="" if ok else "rescaled block scales off")
     have_value = float(read_tensor(got).reshape(-1)[0])
-    return Finding("vs source: scalar", o.name, have_value == o.value, f"{have_value} vs {o.value}")
+    return Finding("vs source: scalar", o.name, ok=have_value == o.value, detail=f"{have_value} vs {o.value}")
 
 
 # --- against a BF16 reference ---------------------------------------------------------------------
@@ -408,12 +439,12 @@ def check_against_reference(
             continue
         entry = table.get(f"{m.name}.weight")
         if entry is None:
-            findings.append(Finding("vs reference", m.name, False, "no such weight in the reference"))
+            findings.append(Finding("vs reference", m.name, ok=False, detail="no such weight in the reference"))
             continue
         w, r = output_weight(m), _reference_weight(entry)
         if w.shape != r.shape:
             findings.append(
-                Finding("vs reference", m.name, False, f"shape {list(w.shape)} vs reference {list(r.shape)}")
+                Finding("vs reference", m.name, ok=False, detail=f"shape {list(w.shape)} vs reference {list(r.shape)}")
             )
             continue
         e = weight_errors(w, r)
@@ -422,7 +453,7 @@ def check_against_reference(
             and e["cosine"] >= t.min_cosine
             and e["matmul_rel_error"] <= t.max_matmul_rel_error
         )
-        findings.append(Finding("vs reference", m.name, ok, f"{m.format}", e))
+        findings.append(Finding("vs reference", m.name, ok=ok, detail=f"{m.format}", metrics=e))
     return findings
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import typer
 from conftest import REPO_FIXTURE, SHARED_FIXTURE
 from typer.testing import CliRunner
 
@@ -53,9 +54,39 @@ def test_demo_converts_the_shipped_fixture():
     assert "demo" in result.output and "converted" in result.output
 
 
-def test_bad_option_values_exit_2():
-    result = runner.invoke(app, ["plan", str(REPO_FIXTURE), "--policy", "int4"])
-    assert result.exit_code == 2 and "unknown policy" in result.output
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["plan", str(REPO_FIXTURE), "--policy", "int4"], "--policy"),
+        (["plan", str(REPO_FIXTURE), "--experts", "fp8"], "--experts"),
+        (["run", str(REPO_FIXTURE), "out", "--io", "mmap"], "--io"),
+        (["demo", "--policy", "BF16"], "--policy"),  # the values are lowercase, as documented
+    ],
+)
+def test_bad_option_values_are_refused_by_the_command_line_exit_2(args, option):
+    """--policy, --experts and --io take one of their values, checked before anything runs."""
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output, result.output
+
+
+def test_the_documented_option_values_and_defaults():
+    from nvfp4_convert.convert import IO_MODES
+    from nvfp4_convert.policy import EXPERT_FORMATS, PRESETS
+
+    assert PRESETS == ("default", "fp8", "bf16") and EXPERT_FORMATS == ("nvfp4", "bf16")
+    assert IO_MODES == ("auto", "direct", "buffered")
+    commands = typer.main.get_command(app).commands
+    for command in ("plan", "run", "demo", "preflight"):
+        params = {p.name: p for p in commands[command].params}
+        assert params["policy"].default == "default" and params["experts"].default == "nvfp4", command
+    assert {p.name: p for p in commands["run"].params}["io"].default == "auto"
+    result = runner.invoke(app, ["plan", str(REPO_FIXTURE)])
+    assert result.exit_code == 0 and "policy default:" in result.output and "routed experts nvfp4" in result.output
+    for preset in PRESETS:
+        for experts in EXPERT_FORMATS:
+            result = runner.invoke(app, ["plan", str(REPO_FIXTURE), "--policy", preset, "--experts", experts])
+            assert result.exit_code == 0, result.output
+            assert f"policy {preset}:" in result.output and f"routed experts {experts};" in result.output
 
 
 def test_parse_size():
@@ -134,7 +165,7 @@ def test_no_space_for_the_metadata_is_one_line_and_resume_finishes(tmp_path, mon
         (["run", "a", "b", "--workers", "abc"], "Invalid value for '--workers'"),
         (["run"], "Missing argument 'src'"),
         (["bogus"], "No such command 'bogus'"),
-        (["plan", "a", "--policy", "nope"], "unknown policy 'nope'"),
+        (["plan", "a", "--policy", "nope"], "'nope' is not one of 'default', 'fp8', 'bf16'"),
     ],
 )
 def test_a_bad_command_line_is_one_line_and_exit_2(args, message):
