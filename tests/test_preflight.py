@@ -82,6 +82,20 @@ def test_gpu_model_has_the_dimensions_vllms_cuda_kernels_accept(policy, gpu_sour
     assert all(s % FP8_BLOCK == 0 for o in fp8 for s in o.shape), [(o.name, o.shape) for o in fp8]
 
 
+def test_gpu_model_blocks_differ_so_a_wrong_block_scale_is_no_uniform_rescale(gpu_source):
+    """Every quantized linear of the gpu model spreads its 128x128 blocks over several power-of-two FP8 scales
+    (trained weights do; on uniform random ones ``wo_a_scale_ones`` was a uniform rescale vLLM's norms absorb)."""
+    from nvfp4_convert.preflight.reference import dequantized_state_dict, load_tensors
+
+    sd = dequantized_state_dict(load_tensors(gpu_source))
+    for name in ("model.layers.1.self_attn.o_a_proj.weight", "model.layers.1.self_attn.q_b_proj.weight"):
+        w = sd[name]
+        rows, cols = w.shape
+        amax = w.reshape(rows // FP8_BLOCK, FP8_BLOCK, cols // FP8_BLOCK, FP8_BLOCK).abs().amax((1, 3))
+        scales = torch.ceil(torch.log2(amax / 448)).unique()  # the power-of-two block scales our FP8 output gets
+        assert len(scales) >= 3, (name, scales)
+
+
 @pytest.mark.parametrize("tp", [2, 8])
 def test_gpu_model_shards_evenly_over_tensor_parallel_ranks(tp):
     """Every dimension vLLM splits over TP ranks divides, and each rank keeps whole 128-wide FP8 blocks."""

@@ -35,8 +35,9 @@ from ..codecs import E4M3_MAX, FP4_MAX, quantize_nvfp4
 # share of each layer's output: a fault in them must move the greedy tokens. Wider still, the random model turns
 # chaotic (BF16 rounding alone flips greedy tokens). Measured with transformers standing in for vLLM, CPU size:
 # all-BF16 compute 46/48 steps agree; experts' up halves 16x too small 35/48; compressor wkv/wgate swapped 27/48. GPU size
-# (hidden 2048): FP8 rounding of wo_a's input and of the KV cache as vLLM does 48/48 (median |dlogp| 0.014); up
-# halves 16x too large 0/48; compressor swapped 8/48. (At hidden 4096 the same draw is chaotic: FP8 alone 33/48.)
+# (hidden 2048, block magnitudes spread over +-2 binades): FP8 rounding of wo_a's input and of the KV cache as vLLM
+# does 45/48 (median |dlogp| 0.008); up halves 16x too large 0/48; compressor swapped 1/48; wo_a's block scales all
+# 1.0 0/48 (without the spread: 48/48, 0/48, 8/48 and 41/48). At hidden 4096 the same draw is chaotic (FP8: 33/48).
 EXPERT_STD = 0.03
 ROUTED_SCALING = 6.0
 HEAD_STD = 0.02
@@ -53,6 +54,7 @@ class Size:
     overrides: dict[str, Any]
     prompt_lengths: tuple[int, ...]
     max_tokens: int = 16
+    spread_binades: float = 0.0  # block magnitudes spread 2^U(-s, s) over 128-bands (``_band_gains``); 0: none
 
 
 _BASE: dict[str, Any] = {
@@ -102,11 +104,13 @@ SIZE_KEYS = (
 )
 
 SIZES = {
+    # No spread on the CPU size: at hidden 128 it makes the model chaotic (vLLM's CPU BF16 alone: 40/48 at 0.5 binades)
     "cpu": Size("cpu", {}, (24, 31, 38)),
     "gpu": Size(
         "gpu",
         {"hidden_size": 2048, "index_n_heads": 64, "num_attention_heads": 64, "o_groups": 8},
         (40, 300, 600),
+        spread_binades=2.0,
     ),
 }
 
@@ -142,7 +146,7 @@ def resized(size: Size, hidden_size: int | None = None, prompt_lengths: tuple[in
     lengths = size.prompt_lengths if prompt_lengths is None else prompt_lengths
     if not lengths or any(n < 1 for n in lengths):
         raise ValueError(f"prompt lengths {lengths} must be positive")
-    return Size(name, overrides, tuple(lengths), size.max_tokens)
+    return Size(name, overrides, tuple(lengths), size.max_tokens, size.spread_binades)
 
 
 def prompts(size: Size, seed: int = 0) -> list[list[int]]:
@@ -154,6 +158,23 @@ def prompts(size: Size, seed: int = 0) -> list[list[int]]:
 
 def _fp32_kept(name: str, patterns: list[str]) -> bool:
     return any(p in name.split(".") for p in patterns)
+
+
+BAND = 128  # the FP8 block edge: gains change from one block row / column to the next
+
+
+def _band_gains(n: int, spread: float, gen: torch.Generator) -> torch.Tensor:
+    """``n`` gains, constant over each 128-wide band, 2^U(-spread, spread), normalised to mean square 1."""
+    bands = -(-n // BAND)
+    g = torch.exp2((torch.rand(bands, generator=gen) * 2 - 1) * spread)
+    return (g / g.pow(2).mean().sqrt()).repeat_interleave(BAND)[:n]
+
+
+def _quantized_weight(name: str, p: torch.Tensor) -> bool:
+    """A weight ModelOpt's NVFP4 export quantizes: linears and routed experts, not the router or lm_head."""
+    if name.endswith((".mlp.gate.weight", "lm_head.weight")) or "embed" in name:
+        return False
+    return p.dim() >= 2 and (name.endswith("_proj.weight") or ".mlp.experts." in name)
 
 
 @torch.no_grad()
@@ -190,6 +211,14 @@ def random_model(size: Size, seed: int = 0):
         for name, p in model.named_parameters():
             if p.dim() >= 2 and p.shape[-1] in (hidden, config.hc_mult * hidden) and "embed" not in name:
                 p.mul_(gain)
+    # Trained weights have blocks of very different magnitudes; uniform random ones do not, and there every block of
+    # a linear gets the same scale, so a wrong block scale is a uniform rescale the next norm absorbs (on the H200,
+    # wo_a's scales all set to 1.0 moved 3 of 48 tokens). Each 128-row and 128-column band of every linear the
+    # export quantizes gets a gain 2^U(-s, s) (``Size.spread_binades``, mean square 1), so that neighbouring blocks differ.
+    gen, spread = torch.Generator().manual_seed(seed + 2), size.spread_binades
+    for name, p in model.named_parameters():
+        if spread and _quantized_weight(name, p):
+            p.mul_(_band_gains(p.shape[-2], spread, gen)[:, None] * _band_gains(p.shape[-1], spread, gen)[None, :])
     for name, b in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
             b.copy_(randn(b, 0.01))
