@@ -480,7 +480,7 @@ def _print_preflight(r: dict) -> None:
         a = r[name]
         table.add_row(
             name.replace("_", " "),
-            f"{a['matches']}/{a['steps']}",
+            f"{a['agreeing']}/{a['steps']}" + (f" ({a['near_ties']} near-ties)" if a["near_ties"] else ""),
             str(a["per_prompt"]),
             f"{a['median_abs_dlogp']:.4f}",
             f"{a['max_abs_dlogp']:.4f}",

@@ -256,9 +256,24 @@ def test_agreement_verdict_needs_seven_eighths_and_a_small_finite_median():
 
     assert Agreement(42, 48, 0.049, 0.2, [14, 14, 14]).ok
     assert not Agreement(41, 48, 0.001, 0.01, [14, 14, 13]).ok
+    assert Agreement(40, 48, 0.01, 0.05, [14, 14, 12], near_ties=2).ok  # near-ties count towards the 42
     assert not Agreement(48, 48, 0.05, 0.1, [16, 16, 16]).ok
     assert not Agreement(48, 48, float("nan"), float("nan"), [16, 16, 16]).ok  # NaN logprobs never pass
     assert not Agreement(0, 0, float("nan"), float("nan"), []).ok
+
+
+def test_a_near_tie_of_the_reference_agrees_and_a_wider_gap_does_not():
+    from nvfp4_convert.preflight.reference import TIE_NATS, score_decode
+
+    # the reference's log-probs at three steps over a 4-token vocabulary
+    logp = torch.tensor(
+        [[-1.0, -2.0, -3.0, -4.0], [-1.0, -1.0 - TIE_NATS / 2, -3.0, -4.0], [-1.0, -1.0 - 2 * TIE_NATS, -3, -4]]
+    )
+    gens = [{"tokens": [0, 1, 1], "logprobs": [-1.0, -1.0 - TIE_NATS / 2, -1.0 - 2 * TIE_NATS]}]
+    a = score_decode([logp], gens)
+    assert (a.matches, a.near_ties, a.agreeing, a.steps) == (1, 1, 2, 3)
+    assert a.tie_gaps == pytest.approx([TIE_NATS / 2, 2 * TIE_NATS])
+    assert a.median_abs_dlogp == 0.0  # the reference's own logprobs
 
 
 def test_decode_is_compared_with_vllms_own_prefill():

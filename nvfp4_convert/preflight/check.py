@@ -8,8 +8,8 @@
 3. Run stock vLLM on it in a subprocess (``worker.py run``): greedy decode, then a prefill of every prompt +
    its generated tokens.
 4. Score both against transformers' ``DeepseekV4ForCausalLM`` in float32 holding the source's dequantized
-   weights (``reference``). PASS needs the greedy decode to agree (the prefill score is reported beside
-   it, never enough on its own).
+   weights (``reference``). PASS needs the greedy decode to agree, near-ties counted (``reference.Agreement``;
+   the prefill score is reported beside it, never enough on its own).
 """
 
 from __future__ import annotations
@@ -230,6 +230,7 @@ def _preflight(opts: Options, work: Path, say) -> dict:
         "thresholds": {
             "min_agreeing_fraction": reference.MIN_AGREEING_FRACTION,
             "max_median_abs_dlogp": reference.MAX_MEDIAN_ABS_DLOGP,
+            "tie_nats": reference.TIE_NATS,
         },
         "seconds": round(time.monotonic() - t0, 1),
     }

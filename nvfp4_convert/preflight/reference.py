@@ -9,7 +9,14 @@
   ``score_prefill`` does the same for the per-position top-1 and logprob vLLM computed in one prefill
   (``prompt_logprobs``) of prompt + generated tokens.
 - ``decode_vs_prefill``: the same comparison of vLLM's decode against vLLM's own prefill (no reference).
-- ``Agreement.ok``: at least 7/8 of the steps agree (42 of 48) and the median |delta logprob| < 0.05.
+- ``Agreement.ok``: at least 7/8 of the steps agree (42 of 48) and the median |delta logprob| < 0.05. A step
+  agrees when vLLM's token is the reference's greedy token, or a near-tie: the reference ranks it less than
+  ``TIE_NATS`` (0.1 = twice the accepted |delta logprob|) below its own greedy token, a gap that arithmetic
+  noise alone closes. Measured on the H200 (docs/proof/h200-vllm-0.26-h2048): every step where a correct
+  conversion's greedy token differed from the reference was such a tie (gaps 0.0003 to 0.096 nats; two float32
+  references on two CPUs already differ on some), while planted faults leave median gaps of 0.15 (compressor
+  swap) to 0.56 nats (expert scale).
+  ``matches`` counts exact agreement only; ``near_ties`` the others that count.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 import json
 import re
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +35,7 @@ Tensors = dict[str, torch.Tensor]
 
 MIN_AGREEING_FRACTION = 42 / 48
 MAX_MEDIAN_ABS_DLOGP = 0.05
+TIE_NATS = 2 * MAX_MEDIAN_ABS_DLOGP
 
 
 def load_tensors(path: Path) -> Tensors:
@@ -106,27 +114,33 @@ def greedy_generations(model, prompts: list[list[int]], max_tokens: int) -> list
 
 @dataclass
 class Agreement:
-    matches: int
+    matches: int  # steps where vLLM's token is the reference's greedy token
     steps: int
     median_abs_dlogp: float
     max_abs_dlogp: float
-    per_prompt: list[int]
+    per_prompt: list[int]  # matches per prompt
+    near_ties: int = 0  # other steps where the reference ranks vLLM's token within TIE_NATS of its greedy token
+    tie_gaps: list[float] = field(default_factory=list)  # the reference's gap at every step that is not a match
+
+    @property
+    def agreeing(self) -> int:
+        return self.matches + self.near_ties
 
     @property
     def ok(self) -> bool:
         return (
             self.steps > 0
-            and self.matches >= MIN_AGREEING_FRACTION * self.steps
+            and self.agreeing >= MIN_AGREEING_FRACTION * self.steps
             and self.median_abs_dlogp < MAX_MEDIAN_ABS_DLOGP  # False for NaN
         )
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "ok": self.ok}
+        return {**asdict(self), "agreeing": self.agreeing, "ok": self.ok}
 
     def __str__(self) -> str:
         return (
-            f"{self.matches}/{self.steps} greedy steps agree (per prompt {self.per_prompt}), "
-            f"median |delta logprob| {self.median_abs_dlogp:.4f}"
+            f"{self.agreeing}/{self.steps} greedy steps agree ({self.matches} exactly, {self.near_ties} near-ties; "
+            f"per prompt {self.per_prompt}), median |delta logprob| {self.median_abs_dlogp:.4f}"
         )
 
 
@@ -143,21 +157,27 @@ def teacher_forced(model, prompts: list[list[int]], generations: list[dict]) -> 
 
 def _agreement(rows: list[tuple[torch.Tensor, list[int], list[int], list[float]]]) -> Agreement:
     """rows: (reference log-probs per step, vLLM's top-1 per step, vLLM's tokens, vLLM's logprob of them)."""
-    matches, deltas, per_prompt = 0, [], []
+    matches, deltas, per_prompt, gaps = 0, [], [], []
     for steps, top1, tokens, logprobs in rows:
-        ok = int((steps.argmax(-1) == torch.tensor(top1)).sum())
-        matches += ok
-        per_prompt.append(ok)
+        picked = torch.tensor(top1)
+        best = steps.max(-1).values
+        gap = best - steps.gather(1, picked[:, None])[:, 0]  # 0 where vLLM picked the reference's greedy token
+        same = steps.argmax(-1) == picked
+        matches += int(same.sum())
+        per_prompt.append(int(same.sum()))
+        gaps += [round(float(g), 6) for g in gap[~same]]
         ref_lp = steps.gather(1, torch.tensor(tokens)[:, None])[:, 0]
         deltas += (ref_lp - torch.tensor(logprobs, dtype=torch.float32)).abs().tolist()
-    return _summary(matches, deltas, per_prompt)
+    return _summary(matches, deltas, per_prompt, gaps)
 
 
-def _summary(matches: int, deltas: list[float], per_prompt: list[int]) -> Agreement:
+def _summary(matches: int, deltas: list[float], per_prompt: list[int], gaps: list[float] | None = None) -> Agreement:
     if not deltas:
         return Agreement(0, 0, float("nan"), float("nan"), per_prompt)
     median = float("nan") if any(d != d for d in deltas) else statistics.median(deltas)
-    return Agreement(matches, len(deltas), median, max(deltas, key=lambda d: (d != d, d)), per_prompt)
+    gaps = gaps or []
+    ties = sum(1 for g in gaps if g < TIE_NATS)  # NaN never a tie
+    return Agreement(matches, len(deltas), median, max(deltas, key=lambda d: (d != d, d)), per_prompt, ties, gaps)
 
 
 def score_decode(reference_steps: list[torch.Tensor], generations: list[dict]) -> Agreement:
