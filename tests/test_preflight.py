@@ -96,6 +96,19 @@ def test_gpu_model_blocks_differ_so_a_wrong_block_scale_is_no_uniform_rescale(gp
         assert len(scales) >= 3, (name, scales)
 
 
+def test_the_block_spread_changes_the_quantized_weights_and_nothing_else():
+    import dataclasses
+
+    cpu = tiny_model.SIZES["cpu"]
+    plain = tiny_model.random_model(cpu)
+    spread = tiny_model.random_model(dataclasses.replace(cpu, spread_binades=2.0))
+    a, b = {**dict(plain.named_parameters()), **dict(plain.named_buffers())}, dict(spread.named_parameters())
+    b |= dict(spread.named_buffers())
+    quantized = {n for n, p in plain.named_parameters() if tiny_model._quantized_weight(n, p)}
+    assert quantized and all(not torch.equal(a[n], b[n]) for n in quantized if a[n].shape[-1] > 128)
+    assert all(torch.equal(a[n], b[n]) for n in a if n not in quantized)  # routing tables, norms, head: same draw
+
+
 @pytest.mark.parametrize("tp", [2, 8])
 def test_gpu_model_shards_evenly_over_tensor_parallel_ranks(tp):
     """Every dimension vLLM splits over TP ranks divides, and each rank keeps whole 128-wide FP8 blocks."""

@@ -215,10 +215,11 @@ def random_model(size: Size, seed: int = 0):
     # a linear gets the same scale, so a wrong block scale is a uniform rescale the next norm absorbs (on the H200,
     # wo_a's scales all set to 1.0 moved 3 of 48 tokens). Each 128-row and 128-column band of every linear the
     # export quantizes gets a gain 2^U(-s, s) (``Size.spread_binades``, mean square 1), so that neighbouring blocks differ.
-    gen, spread = torch.Generator().manual_seed(seed + 2), size.spread_binades
+    band_gen, spread = torch.Generator().manual_seed(seed + 2), size.spread_binades  # ``gen`` draws on below
     for name, p in model.named_parameters():
         if spread and _quantized_weight(name, p):
-            p.mul_(_band_gains(p.shape[-2], spread, gen)[:, None] * _band_gains(p.shape[-1], spread, gen)[None, :])
+            gains = _band_gains(p.shape[-2], spread, band_gen)[:, None] * _band_gains(p.shape[-1], spread, band_gen)
+            p.mul_(gains)
     for name, b in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
             b.copy_(randn(b, 0.01))
