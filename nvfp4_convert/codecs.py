@@ -19,7 +19,8 @@
   ``nvfp4_global_exponent``, or ``mxfp4_gate_up_to_nvfp4`` / ``mxfp4_down_to_nvfp4`` for whole tensors) re-encodes it
   as NVFP4 with the E2M1 bytes unchanged, global scale ``2^(top exponent - 8)`` and e4m3 block scales ``2^(k - m)``,
   exact for every block at most 17 binades below the top one; blocks further down are re-quantized at the smallest
-  e4m3 scale and counted; ``recover_mxfp4`` finds the exact MXFP4 form of a BF16 cast of MXFP4, or refuses.
+  e4m3 scale and counted; ``recover_mxfp4`` finds the exact MXFP4 form of a BF16 cast of MXFP4, or refuses;
+  ``quantize_mxfp4`` encodes float32 as MXFP4 (OCP shared-exponent rule; builds release-format fixtures).
 
 Row-band processing: each function works on any band of whole rows (FP8: multiples of 128 rows; not the
 whole-tensor MXFP4 helpers ``mxfp4_gate_up_to_nvfp4`` and ``mxfp4_down_to_nvfp4``),
@@ -383,6 +384,35 @@ def recover_mxfp4(weight: torch.Tensor, *, name: str | None = None) -> tuple[tor
             f"{float(x[r, b, col])!r} is no E2M1 value times 2^{int(k[r, b])}",
             tensor=name,
         )
+    codes = codes.view(rows, cols)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).view(torch.int8)
+    return packed, (k + E8M0_BIAS).to(torch.uint8).view(torch.float8_e8m0fnu)
+
+
+def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 [rows, in] -> MXFP4 as DeepSeek's release stores it: (int8 [rows, in/2], float8_e8m0fnu [rows, in/32]).
+
+    OCP MX rule per 32-block: shared exponent ``k = floor(log2(amax)) - 2`` clamped to E8M0's [-127, 127] (an all-zero
+    block gets -127, as ``recover_mxfp4``), codes the nearest E2M1 value of ``x / 2^k`` with ties to the even code,
+    saturating at 6 (``amax / 2^k`` lies in [4, 8)); a negative value that rounds to zero keeps its sign (code 8).
+    ``dequantize_mxfp4`` of the result is within half an E2M1 step (times ``2^k``) of ``w``, except values above
+    ``6 * 2^k``, which saturate (error below ``2 * 2^k``); it equals ``w`` where ``w`` lies on the grid, and
+    ``recover_mxfp4`` of it gives these bytes back.
+    """
+    w = w.to(torch.float32)
+    if w.dim() != 2:
+        raise ValueError("MXFP4 quantization needs a 2-D tensor")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("MXFP4 quantization of a tensor with NaN or Inf")
+    rows, cols = w.shape
+    if cols % MX_BLOCK:
+        raise ValueError(f"MXFP4 needs a multiple of {MX_BLOCK} columns, got {cols}")
+    x = w.view(rows, cols // MX_BLOCK, MX_BLOCK)
+    amax = x.abs().amax(-1)
+    _, e = torch.frexp(amax)  # floor(log2(amax)) = e - 1 for amax > 0
+    k = torch.where(amax > 0, e.to(torch.int32) - 1 - 2, -E8M0_BIAS).clamp(-E8M0_BIAS, E8M0_BIAS)
+    codes = _nearest_e2m1_codes(x * _pow2(-k).unsqueeze(-1))
+    codes = (codes & 0x7) | (torch.signbit(x).to(torch.uint8) << 3)
     codes = codes.view(rows, cols)
     packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).view(torch.int8)
     return packed, (k + E8M0_BIAS).to(torch.uint8).view(torch.float8_e8m0fnu)

@@ -341,3 +341,13 @@ def test_bf16_to_mxfp4_to_nvfp4_keeps_every_value():
     out = mxfp4_down_to_nvfp4(*recover_mxfp4(bf16))
     assert out.requantized == 0
     assert torch.equal(dequantize_nvfp4(out.weight, out.weight_scale, out.weight_scale_2), bf16.to(torch.float32))
+
+
+def test_quantize_mxfp4_round_trips_through_recover():
+    from nvfp4_convert.codecs import quantize_mxfp4
+
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(7)) * 0.02
+    packed, scale = quantize_mxfp4(w)
+    assert packed.dtype == torch.int8 and scale.dtype == torch.float8_e8m0fnu
+    again = recover_mxfp4(dequantize_mxfp4(packed, scale))
+    assert torch.equal(again[0], packed) and torch.equal(again[1].view(torch.uint8), scale.view(torch.uint8))
