@@ -274,6 +274,9 @@ def inspect_cmd(
             f"{info['tensors']} tensors, {info['bytes'] / 1e9:.3f} GB in {info['shards']} shard(s); {info['layers']} layers; "
             f"experts per layer {info['experts_per_layer']}; MTP {'present' if info['mtp'] else 'absent'}"
         )
+        if info["source_format"]:
+            mtp = f"an MTP block of {info['mtp_layers']} layer(s)" if info["mtp_layers"] else "no MTP block"
+            out.print(f"[bold]format:[/] {info['source_format']}, with {mtp}")
         table = Table(title="Modules by role and storage format")
         for col in ("role", "format", "modules"):
             table.add_column(col)

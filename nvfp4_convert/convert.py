@@ -25,7 +25,7 @@ from .config_emit import hf_quant_config, vllm_config
 from .errors import ConvertError
 from .execute import Progress, ShardResult, write_shards
 from .graft import REPLACED_REASON, Graft, graft, graft_errors
-from .inventory import Inventory, build_inventory
+from .inventory import Inventory, build_inventory, source_format
 from .plan import DEFAULT_SHARD_BYTES, Account, Plan, build_plan
 from .policy import Policy
 from .report import REPORT_JSON, REPORT_TEXT, render_text, report_dict
@@ -66,6 +66,8 @@ def prepare(
     """Open SRC (and REF), classify, plan and derive the output config (headers and scalar scales only)."""
     ckpt = Checkpoint.open(src, allow_outside_links=allow_outside_links)
     inv = build_inventory(ckpt, pass_unknown=pass_unknown)
+    if (fmt := source_format(inv)) is not None:
+        raise ConvertError(f"{fmt}: not a ModelOpt NVFP4 export; converting it is not supported yet", file=ckpt.path)
     model_shapes.check(inv, ckpt.config)
     g = (
         graft(ckpt.config, inv, attention_from, allow_outside_links=allow_outside_links)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .checkpoint import Checkpoint
-from .inventory import build_inventory
+from .inventory import build_inventory, source_format
 from .safetensors_io import read_tensor
 from .state import dst_status
 
@@ -43,6 +43,7 @@ def inspect_checkpoint(path: Path, *, deep: bool = False) -> dict[str, Any]:
         if status == "unfinished"
         else ("converted" if status == "finished" else "checkpoint"),
         "naming": inv.naming,
+        "source_format": source_format(inv),
         "quant_method": quant.get("quant_method"),
         "tensors": len(ckpt.tensors),
         "bytes": ckpt.total_bytes,
@@ -50,6 +51,7 @@ def inspect_checkpoint(path: Path, *, deep: bool = False) -> dict[str, Any]:
         "layers": len(layers),
         "experts_per_layer": sorted({len(v) for v in experts.values()}),
         "mtp": any(m.name.startswith("mtp.") for m in inv.modules.values()),
+        "mtp_layers": len({m.name.split(".")[1] for m in inv.modules.values() if m.name.startswith("mtp.")}),
         "formats": [{"role": r, "format": f, "modules": n} for (r, f), n in sorted(formats.items())],
         "gate_up_mismatches": mismatches,
         "bad_scales": bad_scales if deep else None,

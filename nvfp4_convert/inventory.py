@@ -3,7 +3,8 @@
 The format of a linear is decided per module from the dtypes and companions on disk, never from
 the config (CONTRACT.md section 1): ``nvfp4`` = uint8 ``weight`` + e4m3 ``weight_scale`` [out, in/16]
 + float32 scalar ``weight_scale_2`` (+ optional ``input_scale``); ``fp8`` = e4m3 ``weight`` + e8m0 or
-float32 ``scale`` [ceil(out/128), ceil(in/128)]; ``dense`` = a floating ``weight`` alone. Non-linear
+float32 ``scale`` [ceil(out/128), ceil(in/128)]; ``mxfp4`` (DeepSeek's own release, routed experts) = int8
+``weight`` [out, in/2] + e8m0 ``scale`` [out, in/32]; ``dense`` = a floating ``weight`` alone. Non-linear
 tensors are modules of format ``tensor`` with a single unnamed parameter.
 
 A tensor that no naming rule covers, a quantized weight without its scales, a scale without its
@@ -20,7 +21,7 @@ from enum import Enum
 import torch
 
 from .checkpoint import Checkpoint
-from .codecs import FP4_BLOCK, fp8_scale_shape
+from .codecs import FP4_BLOCK, MX_BLOCK, fp8_scale_shape
 from .errors import ConvertError
 from .naming import LINEAR_PARAMS, Naming, detect_naming, native_name
 from .safetensors_io import TensorInfo, read_tensor
@@ -86,7 +87,7 @@ class Module:
 
     name: str  # native module name (linear) or native tensor name (plain tensor)
     role: Role
-    format: str  # "nvfp4" | "fp8" | "dense" | "tensor"
+    format: str  # "nvfp4" | "fp8" | "mxfp4" | "dense" | "tensor"
     params: dict[str, TensorInfo] = field(default_factory=dict)  # param -> source tensor
     global_scale: float | None = None  # weight_scale_2 of an NVFP4 module
     input_scale: float | None = None
@@ -95,7 +96,7 @@ class Module:
     def shape(self) -> tuple[int, int]:
         """Logical [out, in] of a linear."""
         w = self.params["weight"]
-        return (w.shape[0], w.shape[1] * 2) if self.format == "nvfp4" else (w.shape[0], w.shape[1])
+        return (w.shape[0], w.shape[1] * 2) if self.format in ("nvfp4", "mxfp4") else (w.shape[0], w.shape[1])
 
     @property
     def source_bytes(self) -> int:
@@ -190,6 +191,8 @@ def _linear_module(module: str, params: dict[str, TensorInfo]) -> Module:
         return _nvfp4_module(module, role, params)
     if weight.dtype == "F8_E4M3":
         return _fp8_module(module, role, params)
+    if weight.dtype == "I8":
+        return _mxfp4_module(module, role, params)
     if weight.dtype in _FLOAT_DTYPES:
         extra = sorted(set(params) - {"weight"})
         if extra:
@@ -243,6 +246,39 @@ def _fp8_module(module: str, role: Role, params: dict[str, TensorInfo]) -> Modul
         t = params[extra[0]]
         raise ConvertError(f"unexpected {extra[0]} beside an FP8 weight", file=t.file, tensor=t.name)
     return Module(module, role, "fp8", dict(params))
+
+
+def _mxfp4_module(module: str, role: Role, params: dict[str, TensorInfo]) -> Module:
+    """DeepSeek's release MXFP4: int8 ``weight`` [out, in/2] + E8M0 ``scale`` [out, in/32], nothing else."""
+    weight = params["weight"]
+    scale = params.get("scale")
+    if scale is None:
+        raise ConvertError("MXFP4 (int8) weight without its E8M0 'scale'", file=weight.file, tensor=weight.name)
+    if scale.dtype not in ("F8_E8M0", "U8"):
+        raise ConvertError(f"MXFP4 scale must be F8_E8M0, got {scale.dtype}", file=scale.file, tensor=scale.name)
+    out, half_in = weight.shape
+    if (half_in * 2) % MX_BLOCK or scale.shape != (out, half_in * 2 // MX_BLOCK):
+        raise ConvertError(
+            f"scale shape {list(scale.shape)} != [{out}, {half_in * 2 // MX_BLOCK}] for weight {list(weight.shape)}",
+            file=scale.file,
+            tensor=scale.name,
+        )
+    extra = sorted(set(params) - {"weight", "scale"})
+    if extra:
+        t = params[extra[0]]
+        raise ConvertError(f"unexpected {extra[0]} beside an MXFP4 weight", file=t.file, tensor=t.name)
+    return Module(module, role, "mxfp4", dict(params))
+
+
+RELEASE_FORMAT = "DeepSeek's native release format (FP8 linears, MXFP4 routed experts, E8M0 scales)"
+
+
+def source_format(inv: Inventory) -> str | None:
+    """``RELEASE_FORMAT`` when ``inv`` is DeepSeek's own release (native names and MXFP4 routed experts), else None
+    (a ModelOpt export, a converted checkpoint, or anything else this package reads as it always has)."""
+    if inv.naming == "native" and any(m.format == "mxfp4" for m in inv.linears(Role.ROUTED_EXPERT)):
+        return RELEASE_FORMAT
+    return None
 
 
 def _positive_scalar(info: TensorInfo) -> float:

@@ -193,3 +193,20 @@ def test_a_run_and_its_report_with_markup_in_both_paths_finish(tmp_path):
     assert "src[bold]x" in (dst / "nvfp4-convert-report.txt").read_text()
     plan = runner.invoke(app, ["plan", str(src)])
     assert plan.exit_code == 0 and "sub[red]y" in plan.output
+
+
+RELEASE_FIXTURE = REPO_FIXTURE.parent / "tiny-dsv4-release"
+
+
+def test_inspect_recognises_deepseek_release_and_run_refuses_it(tmp_path):
+    result = runner.invoke(app, ["inspect", str(RELEASE_FIXTURE), "--json", str(tmp_path / "i.json")])
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())
+    assert "DeepSeek's native release format" in flat and "MTP block of 1 layer(s)" in flat
+    info = json.loads((tmp_path / "i.json").read_text())
+    assert info["naming"] == "native" and info["mtp_layers"] == 1 and not info["unknown_tensors"]
+    assert {"role": "routed_expert", "format": "mxfp4", "modules": 60} in info["formats"]
+    result = runner.invoke(app, ["run", str(RELEASE_FIXTURE), str(tmp_path / "out")])
+    assert result.exit_code != 0
+    assert "DeepSeek's native release format" in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()
