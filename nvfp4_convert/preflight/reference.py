@@ -12,10 +12,9 @@
 - ``Agreement.ok``: at least 7/8 of the steps agree (42 of 48) and the median |delta logprob| < 0.05. A step
   agrees when vLLM's token is the reference's greedy token, or a near-tie: the reference ranks it less than
   ``TIE_NATS`` (0.1 = twice the accepted |delta logprob|) below its own greedy token, a gap that arithmetic
-  noise alone closes. Measured on the H200 (docs/proof/h200-vllm-0.26-h2048): every step where a correct
-  conversion's greedy token differed from the reference was such a tie (gaps 0.0003 to 0.096 nats; two float32
-  references on two CPUs already differ on some), while planted faults leave median gaps of 0.15 (compressor
-  swap) to 0.56 nats (expert scale).
+  noise alone closes. Measured on the H200 (docs/proof/h200-vllm-0.26-h2048): of the 28 steps where a correct
+  conversion's greedy token differed from the reference's, 27 were such ties (gaps 0.002 to 0.075 nats, one of
+  0.108), while planted faults leave median gaps of 0.23 (compressor swap) and 0.51 nats (expert scale).
   ``matches`` counts exact agreement only; ``near_ties`` the others that count.
 """
 
