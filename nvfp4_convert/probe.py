@@ -7,8 +7,12 @@ string, short word problems of our own) through ``/v1/chat/completions``, greedy
 thinking off. Each answer is scored exactly, after normalisation, and checked for signs of garbage:
 non-printable characters, runaway repetition, special-token text, a low share of word-like tokens.
 
-Verdict: ``PASS`` (no garbage, score >= threshold, exit 0), ``GARBAGE`` or ``WRONG`` (exit 1), or one
-line saying the server cannot be used (unreachable, no such model: exit 3). Standard library HTTP
+Before and after the questions it reads vLLM's Prometheus ``/metrics``: when speculative decoding (MTP) is
+on, the spec-decode counters' growth gives the draft's acceptance rate during the probe.
+
+Verdict: ``PASS`` (no garbage, score >= threshold, exit 0), ``GARBAGE`` or ``WRONG`` (exit 1),
+``DRAFT-BROKEN`` (answers fine, but the draft's acceptance rate is below ``--min-acceptance``: exit 1), or
+one line saying the server cannot be used (unreachable, no such model: exit 3). Standard library HTTP
 only (urllib + a thread pool): no runtime dependency beyond the converter's own.
 """
 
@@ -232,14 +236,17 @@ class ProbeError(Exception):
     """The server cannot be probed: one line for the user."""
 
 
-def _open(url: str, payload: dict | None, timeout: float) -> Any:
-    """GET (or POST ``payload`` as JSON) and decode the JSON answer; loopback hosts bypass proxies."""
+def _open(url: str, payload: dict | None, timeout: float, *, raw: bool = False) -> Any:
+    """GET (or POST ``payload`` as JSON) and decode the JSON answer (``raw``: the text); loopback hosts bypass
+    proxies."""
     data = None if payload is None else json.dumps(payload).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     host = urllib.parse.urlsplit(url).hostname or ""
     handlers = [urllib.request.ProxyHandler({})] if host in ("localhost", "::1") or host.startswith("127.") else []
     with urllib.request.build_opener(*handlers).open(req, timeout=timeout) as resp:
         body = resp.read()
+    if raw:
+        return body.decode("utf-8", errors="replace")
     return json.loads(body) if body.strip() else None
 
 
@@ -327,6 +334,115 @@ def ask(base: str, model: str, question: Question, timeout: float, max_tokens: i
     return row
 
 
+# ------------------------------------------------------------------------- speculative decoding
+
+# vLLM's spec-decode counters, as vllm/v1/spec_decode/metrics.py (SpecDecodingProm, vLLM 0.32.0) declares them:
+# prometheus_client Counters, so /metrics shows each as NAME_total, labelled model_name and engine
+# (vllm/v1/metrics/loggers.py, PrometheusStatLogger), the per-position one also position="0".."K-1".
+SPEC_DRAFTS = "vllm:spec_decode_num_drafts"
+SPEC_DRAFT_TOKENS = "vllm:spec_decode_num_draft_tokens"
+SPEC_ACCEPTED = "vllm:spec_decode_num_accepted_tokens"
+SPEC_ACCEPTED_PER_POS = "vllm:spec_decode_num_accepted_tokens_per_pos"
+MIN_ACCEPTANCE = 0.30  # below this a draft (MTP) is broken, not merely weak: healthy MTP accepts well over half
+
+_SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+\S+)?$")
+_LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"')
+_UNESCAPE = re.compile(r"\\(.)")
+
+
+def _unescape(m: re.Match) -> str:
+    return "\n" if m.group(1) == "n" else m.group(1)
+
+
+def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """Samples ``(name, labels, value)`` of a Prometheus text exposition.
+
+    prometheus_client's own parser when it is importable (vLLM depends on it), else a small one for the
+    lines vLLM's exporter writes: ``name{label="value",...} value [timestamp]``.
+    """
+    try:
+        from prometheus_client.parser import text_string_to_metric_families
+    except ImportError:
+        samples = []
+        for line in text.splitlines():
+            line = line.strip()
+            if not line or line.startswith("#") or not (m := _SAMPLE.match(line)):
+                continue
+            labels = {k: _UNESCAPE.sub(_unescape, v) for k, v in _LABEL.findall(m.group(2) or "")}
+            try:
+                samples.append((m.group(1), labels, float(m.group(3))))
+            except ValueError:
+                continue
+        return samples
+    return [(s.name, dict(s.labels), float(s.value)) for f in text_string_to_metric_families(text) for s in f.samples]
+
+
+def spec_counters(base: str, model: str, timeout: float) -> dict | str:
+    """vLLM's spec-decode counters now, summed over engines (``{}``: none exported); a string says why not read."""
+    try:
+        text = _open(f"{base}/metrics", None, timeout, raw=True)
+        samples = parse_metrics(text)
+    except (OSError, ValueError, http.client.HTTPException) as e:
+        return f"/metrics {_why(e)}"
+    mine = [s for s in samples if s[1].get("model_name") == model]
+    if not mine:  # a server that labels no model name (or another one): take every engine's counters
+        mine = samples
+    counts: dict[str, Any] = {}
+    per_pos: dict[int, float] = {}
+    for name, labels, value in mine:
+        base_name = name.removesuffix("_total")
+        if base_name == SPEC_ACCEPTED_PER_POS and labels.get("position", "").isdigit():
+            pos = int(labels["position"])
+            per_pos[pos] = per_pos.get(pos, 0.0) + value
+        elif base_name in (SPEC_DRAFTS, SPEC_DRAFT_TOKENS, SPEC_ACCEPTED):
+            counts[base_name] = counts.get(base_name, 0.0) + value
+    if SPEC_DRAFT_TOKENS not in counts or SPEC_ACCEPTED not in counts:
+        return {}
+    return {
+        "drafts": counts.get(SPEC_DRAFTS, 0.0),
+        "draft_tokens": counts[SPEC_DRAFT_TOKENS],
+        "accepted_tokens": counts[SPEC_ACCEPTED],
+        "accepted_per_position": [per_pos.get(i, 0.0) for i in range(max(per_pos, default=-1) + 1)],
+    }
+
+
+def spec_summary(before: dict | str, after: dict | str, min_rate: float = MIN_ACCEPTANCE) -> dict:
+    """Acceptance during the probe (the counters' growth), else since the server started (their totals).
+
+    As vLLM computes them (SpecDecodingLogging.log / SpecDecodingProm's docstring): acceptance rate =
+    accepted / draft tokens, mean acceptance length = 1 + accepted / drafts (the bonus token included),
+    per-position rate = accepted at position i / drafts. ``broken``: draft tokens were proposed and fewer
+    than ``min_rate`` of them accepted.
+    """
+    if isinstance(after, str):
+        return {"enabled": None, "broken": False, "note": f"metrics not read ({after})"}
+    if not after:
+        return {"enabled": False, "broken": False, "note": "speculative decoding off (no vllm:spec_decode_* metrics)"}
+    counts, scope = after, "total"
+    if isinstance(before, dict) and before and after["draft_tokens"] > before["draft_tokens"]:
+        scope = "probe"
+        counts = {k: after[k] - before[k] for k in ("drafts", "draft_tokens", "accepted_tokens")}
+        n_pos = len(after["accepted_per_position"])
+        prev = before["accepted_per_position"] + [0.0] * n_pos
+        counts["accepted_per_position"] = [a - prev[i] for i, a in enumerate(after["accepted_per_position"])]
+    drafts, draft_tokens, accepted = counts["drafts"], counts["draft_tokens"], counts["accepted_tokens"]
+    rate = accepted / draft_tokens if draft_tokens > 0 else None
+    broken = rate is not None and rate < min_rate
+    return {
+        "enabled": True,
+        "scope": scope,
+        "drafts": int(drafts),
+        "draft_tokens": int(draft_tokens),
+        "accepted_tokens": int(accepted),
+        "acceptance_rate": None if rate is None else round(rate, 4),
+        "mean_acceptance_length": round(1 + accepted / drafts, 4) if drafts > 0 else None,
+        "per_position": [round(a / drafts, 4) for a in counts["accepted_per_position"]] if drafts > 0 else [],
+        "min_rate": min_rate,
+        "broken": broken,
+        "note": "no draft tokens yet" if rate is None else ("draft broken" if broken else "ok"),
+    }
+
+
 def run_probe(
     url: str,
     *,
@@ -335,6 +451,7 @@ def run_probe(
     timeout: float = 120.0,
     wait: float = 0.0,
     threshold: float = 0.8,
+    min_acceptance: float = MIN_ACCEPTANCE,
     questions: tuple[Question, ...] = QUESTIONS,
 ) -> dict:
     """Probe the server at ``url``; the whole result (also what ``--json`` writes). Raises ProbeError."""
@@ -351,6 +468,7 @@ def run_probe(
         model = models[0]
     elif model not in models:
         raise ProbeError(f"model {model!r} is not served at {base}; it serves {', '.join(models)}")
+    spec_before = spec_counters(base, model, timeout)
     t0 = time.monotonic()
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         rows = list(pool.map(lambda q: ask(base, model, q, timeout), questions))
@@ -358,13 +476,17 @@ def run_probe(
     garbled = sum(r["garbled"] for r in rows)
     errors = sum(r["error"] is not None for r in rows)
     score = correct / len(rows) if rows else 0.0
+    seconds = time.monotonic() - t0
+    speculative = spec_summary(spec_before, spec_counters(base, model, timeout), min_acceptance)
     verdict = "GARBAGE" if garbled else ("WRONG" if score < threshold else "PASS")
+    if verdict == "PASS" and speculative["broken"]:
+        verdict = "DRAFT-BROKEN"
     return {
         "url": base,
         "model": model,
         "models": models,
         "health_wait_s": round(waited, 3),
-        "seconds": round(time.monotonic() - t0, 3),
+        "seconds": round(seconds, 3),
         "threshold": threshold,
         "score": round(score, 4),
         "correct": correct,
@@ -372,6 +494,7 @@ def run_probe(
         "garbled": garbled,
         "errors": errors,
         "verdict": verdict,
+        "speculative": speculative,
         "results": rows,
     }
 
@@ -406,6 +529,27 @@ def results_table(result: dict) -> Table:
     return table
 
 
+def spec_line(spec: dict) -> Text:
+    """One line on speculative decoding: off, not read, the acceptance figures, or FAIL when the draft is broken."""
+    if not spec["enabled"]:
+        return Text(spec["note"], style="dim")
+    if spec["acceptance_rate"] is None:
+        return Text(f"speculative decoding on, {spec['note']} ({spec['scope']} counters)")
+    during = "during this probe" if spec["scope"] == "probe" else "since the server started"
+    figures = (
+        f"acceptance rate {spec['acceptance_rate']:.1%} of {spec['draft_tokens']} draft tokens {during}, "
+        f"mean acceptance length {spec['mean_acceptance_length'] or 0:.2f}"
+    )
+    if spec["per_position"]:
+        figures += ", per position " + " ".join(f"{r:.2f}" for r in spec["per_position"])
+    if spec["broken"]:
+        return Text.assemble(
+            ("FAIL", "bold red"),
+            f" speculative decoding: {figures}; below {spec['min_rate']:.0%}, the draft (MTP) is broken",
+        )
+    return Text(f"speculative decoding: {figures}")
+
+
 def probe_cmd(
     url: Annotated[str, typer.Argument(help="server base URL, e.g. http://localhost:8000")],
     model: Annotated[str | None, typer.Option(help="served model name (default: the first in /v1/models)")] = None,
@@ -413,16 +557,30 @@ def probe_cmd(
     timeout: Annotated[float, typer.Option(min=0.1, help="seconds allowed for each request")] = 120.0,
     wait: Annotated[float, typer.Option(min=0, help="seconds to wait for /health to answer (a starting server)")] = 0.0,
     threshold: Annotated[float, typer.Option(min=0, max=1, help="lowest share of exact answers that passes")] = 0.8,
+    min_acceptance: Annotated[
+        float, typer.Option(min=0, max=1, help="lowest speculative-decoding acceptance rate that passes")
+    ] = MIN_ACCEPTANCE,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the result as JSON to this file")] = None,
 ) -> None:
-    """Ask a served model questions with known answers: exit 0 if it answers sensibly, 1 on garbage or a low score."""
+    """Ask a served model questions with known answers: exit 0 if it answers sensibly, 1 on garbage, a low score
+    or a broken speculative-decoding draft."""
     try:
-        result = run_probe(url, model=model, concurrency=concurrency, timeout=timeout, wait=wait, threshold=threshold)
+        result = run_probe(
+            url,
+            model=model,
+            concurrency=concurrency,
+            timeout=timeout,
+            wait=wait,
+            threshold=threshold,
+            min_acceptance=min_acceptance,
+        )
     except ProbeError as e:
         console.print(Text.assemble(("error:", "bold red"), f" {e}"), soft_wrap=True)
         raise typer.Exit(EXIT_UNUSABLE) from None
     out.print(results_table(result))
-    style = {"PASS": "bold green", "WRONG": "bold yellow", "GARBAGE": "bold red"}[result["verdict"]]
+    style = {"PASS": "bold green", "WRONG": "bold yellow", "GARBAGE": "bold red", "DRAFT-BROKEN": "bold red"}[
+        result["verdict"]
+    ]
     line = Text.assemble(
         (result["verdict"], style),
         f": {result['correct']}/{result['total']} exact answers (score {result['score']:.2f}, "
@@ -430,6 +588,7 @@ def probe_cmd(
         f"{result['seconds']:.1f} s",
     )
     out.print(line)
+    out.print(spec_line(result["speculative"]), soft_wrap=True)
     if json_out:
         json_out.write_text(json.dumps(result, indent=1, ensure_ascii=False))
     if result["verdict"] != "PASS":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -14,9 +15,18 @@ import pytest
 from typer.testing import CliRunner
 
 from nvfp4_convert.cli import app
-from nvfp4_convert.probe import QUESTIONS, garble_reasons, is_correct, is_word_like, normalise
+from nvfp4_convert.probe import (
+    QUESTIONS,
+    garble_reasons,
+    is_correct,
+    is_word_like,
+    normalise,
+    parse_metrics,
+    spec_summary,
+)
 
 BY_PROMPT = {q.prompt: q for q in QUESTIONS}
+DRAFTS_PER_ANSWER = 50
 
 # What a broken checkpoint's server sends back, one kind per garbage check.
 GARBAGE = [
@@ -30,8 +40,67 @@ GARBAGE = [
 ]
 
 
+class SpecMetrics:
+    """vLLM's speculative-decoding counters, declared as vllm/v1/spec_decode/metrics.py (SpecDecodingProm, vLLM
+    0.32.0) declares them, labelled as vllm/v1/metrics/loggers.py labels them, in a private registry that
+    prometheus_client's own ``generate_latest`` writes out: /metrics as vLLM's exporter serves it."""
+
+    def __init__(self, num_spec_tokens: int = 1, *, engines: int = 1, speculative: bool = True) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge
+
+        self.registry = CollectorRegistry()
+        labels = ["model_name", "engine"]
+        self.k = num_spec_tokens
+        self.engines = [("dsv4", str(e)) for e in range(engines)]
+        # one counter vLLM always exports, so /metrics is never empty
+        Gauge(
+            "vllm:num_requests_running",
+            "Number of requests in model execution batches.",
+            labels,
+            registry=self.registry,
+        )
+        if not speculative:  # no --speculative-config: SpecDecodingProm registers nothing
+            return
+        self.drafts = Counter(
+            "vllm:spec_decode_num_drafts", "Number of spec decoding drafts.", labels, registry=self.registry
+        )
+        self.draft_tokens = Counter(
+            "vllm:spec_decode_num_draft_tokens", "Number of draft tokens.", labels, registry=self.registry
+        )
+        self.accepted = Counter(
+            "vllm:spec_decode_num_accepted_tokens", "Number of accepted tokens.", labels, registry=self.registry
+        )
+        self.per_pos = Counter(
+            "vllm:spec_decode_num_accepted_tokens_per_pos",
+            "Accepted tokens per draft position.",
+            [*labels, "position"],
+            registry=self.registry,
+        )
+        for lv in self.engines:  # vLLM creates every labelled child up front: zeros before the first draft
+            for c in (self.drafts, self.draft_tokens, self.accepted):
+                c.labels(*lv)
+            for pos in range(num_spec_tokens):
+                self.per_pos.labels(*lv, str(pos))
+
+    def observe(self, drafts: int, rate: float) -> None:
+        """``drafts`` drafts of K tokens each, spread over the engines, a share ``rate`` of each position accepted."""
+        for i, lv in enumerate(self.engines):
+            n = drafts // len(self.engines) + (i < drafts % len(self.engines))
+            accepted_at = [round(n * rate) for _ in range(self.k)]
+            self.drafts.labels(*lv).inc(n)
+            self.draft_tokens.labels(*lv).inc(n * self.k)
+            self.accepted.labels(*lv).inc(sum(accepted_at))
+            for pos, a in enumerate(accepted_at):
+                self.per_pos.labels(*lv, str(pos)).inc(a)
+
+    def text(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
 class FakeVLLM(BaseHTTPRequestHandler):
-    """Just enough of vLLM's OpenAI server: /health, /v1/models, /v1/chat/completions."""
+    """Just enough of vLLM's OpenAI server: /health, /v1/models, /v1/chat/completions, /metrics."""
 
     server: FakeServer
 
@@ -55,12 +124,21 @@ class FakeVLLM(BaseHTTPRequestHandler):
             self._send(200 if healthy else 503, None)
         elif self.path == "/v1/models":
             self._send(200, {"object": "list", "data": [{"id": "dsv4", "object": "model"}]})
+        elif self.path == "/metrics" and self.server.metrics is not None:
+            data = self.server.metrics.text()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
         else:
             self._send(404, {"error": "not found"})
 
     def do_POST(self) -> None:
         payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.requests.append(payload)
+        if self.server.metrics is not None and self.server.acceptance is not None:
+            self.server.metrics.observe(DRAFTS_PER_ANSWER, self.server.acceptance)
         question = BY_PROMPT[payload["messages"][-1]["content"]]
         index = list(BY_PROMPT).index(question.prompt)
         mode = self.server.mode
@@ -89,9 +167,13 @@ class FakeVLLM(BaseHTTPRequestHandler):
 class FakeServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, mode: str, healthy_after: float = 0.0) -> None:
+    def __init__(
+        self, mode: str, healthy_after: float = 0.0, metrics: SpecMetrics | None = None, acceptance: float | None = None
+    ) -> None:
         super().__init__(("127.0.0.1", 0), FakeVLLM)
         self.mode = mode
+        self.metrics = metrics  # None: /metrics answers 404
+        self.acceptance = acceptance  # share of draft tokens accepted while answering (None: no drafting)
         self.healthy_after = healthy_after
         self.started = time.monotonic()
         self.requests: list[dict] = []
@@ -105,8 +187,8 @@ class FakeServer(ThreadingHTTPServer):
 def serve() -> Iterator:
     servers: list[FakeServer] = []
 
-    def start(mode: str, healthy_after: float = 0.0) -> FakeServer:
-        server = FakeServer(mode, healthy_after)
+    def start(mode: str, healthy_after: float = 0.0, **spec: object) -> FakeServer:
+        server = FakeServer(mode, healthy_after, **spec)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         return server
@@ -244,3 +326,105 @@ def test_no_false_garbage() -> None:
     assert garble_reasons(prose) == []
     assert all(is_word_like(t) for t in ("don't", "well-known", "$12", "3.14", "x86-64", "Zq7-kite-Bm4", "(2023),"))
     assert not any(is_word_like(t) for t in ("ΩxЖq", "...", "⁂", "a" * 50))
+
+
+# ------------------------------------------------------------------------------ speculative decoding
+
+
+@pytest.fixture
+def no_prometheus_client(monkeypatch) -> None:
+    """``import prometheus_client.parser`` fails: probe falls back to its own parser."""
+    monkeypatch.setitem(sys.modules, "prometheus_client.parser", None)
+
+
+@pytest.mark.parametrize("parser", ["prometheus_client", "fallback"])
+def test_spec_healthy_draft(serve, tmp_path: Path, request, parser: str) -> None:
+    """Two engines, two draft positions; the server's earlier traffic had a poor rate, the probe's own is ~0.9."""
+    if parser == "fallback":
+        request.getfixturevalue("no_prometheus_client")
+    metrics = SpecMetrics(2, engines=2)
+    metrics.observe(1000, 0.1)  # before the probe: counters are cumulative, so only their growth counts
+    server = serve("good", metrics=metrics, acceptance=0.9)
+    code, output = probe(server.url, "--json", str(tmp_path / "p.json"))
+    assert code == 0, output
+    result = json.loads((tmp_path / "p.json").read_text())
+    spec = result["speculative"]
+    assert result["verdict"] == "PASS" and spec["enabled"] is True and spec["broken"] is False
+    assert spec["scope"] == "probe"
+    assert spec["drafts"] == DRAFTS_PER_ANSWER * len(QUESTIONS)
+    assert spec["draft_tokens"] == 2 * spec["drafts"]
+    assert spec["acceptance_rate"] == pytest.approx(0.9, abs=0.03)
+    assert spec["mean_acceptance_length"] == pytest.approx(1 + 2 * 0.9, abs=0.06)  # 1 + accepted / drafts
+    assert spec["per_position"] == [pytest.approx(0.9, abs=0.03)] * 2
+    assert "speculative decoding: acceptance rate 8" in output and "during this probe" in output
+    assert "FAIL" not in output
+
+
+def test_spec_broken_draft_fails(serve, tmp_path: Path) -> None:
+    server = serve("good", metrics=SpecMetrics(1), acceptance=0.02)
+    code, output = probe(server.url, "--json", str(tmp_path / "p.json"))
+    assert code == 1, output
+    result = json.loads((tmp_path / "p.json").read_text())
+    spec = result["speculative"]
+    assert result["score"] == 1.0 and result["verdict"] == "DRAFT-BROKEN"
+    assert spec["broken"] is True and spec["acceptance_rate"] == pytest.approx(0.02)
+    assert spec["mean_acceptance_length"] == pytest.approx(1.02)
+    assert "FAIL speculative decoding: acceptance rate 2.0%" in output and "draft (MTP) is broken" in output
+    # the bar is an option; garbage still outranks a broken draft
+    assert probe(server.url, "--min-acceptance", "0.01")[0] == 0
+    garbled = serve("garbled", metrics=SpecMetrics(1), acceptance=0.02)
+    code, output = probe(garbled.url, "--json", str(tmp_path / "g.json"))
+    result = json.loads((tmp_path / "g.json").read_text())
+    assert code == 1 and result["verdict"] == "GARBAGE" and result["speculative"]["broken"] is True
+    assert "FAIL speculative decoding" in output
+
+
+def test_spec_off_is_not_an_error(serve, tmp_path: Path) -> None:
+    server = serve("good", metrics=SpecMetrics(speculative=False))
+    code, output = probe(server.url, "--json", str(tmp_path / "p.json"))
+    assert code == 0, output
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert result["speculative"] == {
+        "enabled": False,
+        "broken": False,
+        "note": "speculative decoding off (no vllm:spec_decode_* metrics)",
+    }
+    assert "speculative decoding off" in output
+    # a server without /metrics at all: said, not failed
+    code, output = probe(serve("good").url, "--json", str(tmp_path / "n.json"))
+    assert code == 0, output
+    spec = json.loads((tmp_path / "n.json").read_text())["speculative"]
+    assert spec["enabled"] is None and "HTTP 404" in spec["note"] and "HTTP 404" in output
+
+
+def test_spec_falls_back_to_totals(serve, tmp_path: Path) -> None:
+    """Counters that did not move during the probe: the totals since the server started are reported (and judged)."""
+    metrics = SpecMetrics(1)
+    metrics.observe(400, 0.1)
+    server = serve("good", metrics=metrics)
+    code, output = probe(server.url, "--json", str(tmp_path / "p.json"))
+    spec = json.loads((tmp_path / "p.json").read_text())["speculative"]
+    assert code == 1 and spec["scope"] == "total" and spec["draft_tokens"] == 400
+    assert spec["acceptance_rate"] == pytest.approx(0.1) and spec["broken"] is True
+    assert "since the server started" in output
+
+
+def test_fallback_parser_matches_prometheus_client(monkeypatch) -> None:
+    metrics = SpecMetrics(3, engines=2)
+    metrics.observe(7, 0.5)
+    text = metrics.text().decode() + 'x_total{a="q\\"uo\\\\te",b="n\\nl"} 1e3 1700000000\n'
+    expected = parse_metrics(text)
+    monkeypatch.setitem(sys.modules, "prometheus_client.parser", None)
+    assert parse_metrics(text) == expected
+    assert ("x_total", {"a": 'q"uo\\te', "b": "n\nl"}, 1000.0) in expected
+
+
+def test_spec_summary_edges() -> None:
+    zero = {"drafts": 0.0, "draft_tokens": 0.0, "accepted_tokens": 0.0, "accepted_per_position": [0.0]}
+    spec = spec_summary(zero, zero)
+    assert spec["enabled"] is True and spec["acceptance_rate"] is None and spec["broken"] is False
+    assert spec_summary("/metrics timed out", "/metrics timed out")["enabled"] is None
+    # a restarted server (counters went down) is judged on its totals
+    before = {"drafts": 100.0, "draft_tokens": 100.0, "accepted_tokens": 90.0, "accepted_per_position": [90.0]}
+    after = {"drafts": 10.0, "draft_tokens": 10.0, "accepted_tokens": 9.0, "accepted_per_position": [9.0]}
+    assert spec_summary(before, after)["scope"] == "total"
