@@ -7,14 +7,15 @@
 #
 # The flags live in vllm-args.sh (shared with docker-compose.yml); the environment variables that
 # change them are listed there (PORT, CUDA_VISIBLE_DEVICES, TP_SIZE, MAX_MODEL_LEN, SERVED_NAME,
-# MOE_BACKEND, EXTRA_ARGS). Also: VLLM (the vllm executable, default `vllm`), PYTHON (default
+# MOE_BACKEND, SPECULATIVE, SPEC_TOKENS, EXTRA_ARGS). Also: VLLM (the vllm executable, default `vllm`), PYTHON (default
 # python3, reads the report), DRY_RUN=1 (check, then print the arguments one per line instead of
 # starting vLLM).
 #
 # Refuses to start, with one message and exit code 1, when DST is not a finished conversion (no
 # report, index or config.json, or a .nvfp4-convert/ state directory left by an unfinished run),
 # when the installed vLLM is older than the report's min_vllm, or when the MegaMoE backend
-# (deep_gemm_mega_moe, MXFP4 only) is asked for with NVFP4 experts.
+# (deep_gemm_mega_moe, MXFP4 only) is asked for with NVFP4 experts, or SPECULATIVE=mtp for a DST without an MTP
+# block (no mtp.* tensors in its index, or num_nextn_predict_layers 0 or absent in its config.json).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -95,6 +96,23 @@ if version_lt "$VERSION" "$MIN_VLLM"; then
     die "vLLM $VERSION is older than $MIN_VLLM, which this conversion needs (policy $POLICY_NAME, experts $EXPERTS)"
 fi
 
+# Speculative decoding drafts with the checkpoint's own MTP layers: refuse before vLLM loads ~900 GB to find none.
+if [ -n "${SPECULATIVE:-}" ]; then
+    [ "$SPECULATIVE" = mtp ] || die "SPECULATIVE must be 'mtp' (or unset), got '$SPECULATIVE'"
+    [[ "${SPEC_TOKENS:-1}" =~ ^[1-9][0-9]*$ ]] || die "SPEC_TOKENS must be a positive integer, got '$SPEC_TOKENS'"
+    MTP=$("$PYTHON" -c '
+import json, sys
+cfg = json.load(open(sys.argv[1] + "/config.json"))
+index = json.load(open(sys.argv[1] + "/model.safetensors.index.json"))["weight_map"]
+print(int(cfg.get("num_nextn_predict_layers") or 0), sum(k.startswith("mtp.") for k in index))
+' "$DST" 2>/dev/null) || die "cannot read num_nextn_predict_layers and the tensor names from $DST/config.json and model.safetensors.index.json"
+    read -r MTP_LAYERS MTP_TENSORS <<<"$MTP"
+    ((MTP_LAYERS > 0)) ||
+        die "SPECULATIVE=mtp needs an MTP block, but $DST/config.json has no num_nextn_predict_layers (or 0)"
+    ((MTP_TENSORS > 0)) ||
+        die "SPECULATIVE=mtp needs an MTP block, but $DST/model.safetensors.index.json has no mtp.* tensors"
+fi
+
 vllm_args "$DST" "$@"
 
 [[ "$VLLM_TP_SIZE" =~ ^[1-9][0-9]*$ ]] || die "TP_SIZE must be a positive integer, got '$VLLM_TP_SIZE'"
@@ -109,8 +127,9 @@ if [ "$EXPERTS" = nvfp4 ] && [[ "$ALL_ARGS" == *deep_gemm_mega_moe* ]]; then
     die "the MegaMoE backend (deep_gemm_mega_moe) takes MXFP4 experts only; this conversion's experts are NVFP4: drop it from MOE_BACKEND/EXTRA_ARGS"
 fi
 
-printf 'launch.sh: vLLM %s, policy %s, experts %s (needs vLLM >= %s), GPUs %s, TP %s\n' \
-    "$VERSION" "$POLICY_NAME" "$EXPERTS" "$MIN_VLLM" "$CUDA_VISIBLE_DEVICES" "$VLLM_TP_SIZE" >&2
+printf 'launch.sh: vLLM %s, policy %s, experts %s (needs vLLM >= %s), GPUs %s, TP %s%s\n' \
+    "$VERSION" "$POLICY_NAME" "$EXPERTS" "$MIN_VLLM" "$CUDA_VISIBLE_DEVICES" "$VLLM_TP_SIZE" \
+    "${SPECULATIVE:+, speculative $SPECULATIVE x${SPEC_TOKENS:-1}}" >&2
 if [ "${DRY_RUN:-0}" = 1 ]; then
     printf '%s\n' "${VLLM_ARGS[@]}"
     exit 0

@@ -10,6 +10,9 @@
 #   MAX_MODEL_LEN         context length                            (default: the model's own)
 #   SERVED_NAME           model name in the API                     (default deepseek-v4)
 #   MOE_BACKEND           --moe-backend value                       (default: vLLM picks)
+#   SPECULATIVE           `mtp`: speculative decoding with the checkpoint's own MTP block
+#                         (--speculative-config, method "mtp" as vLLM 0.32 names it)  (default off)
+#   SPEC_TOKENS           num_speculative_tokens with SPECULATIVE    (default 1)
 #   EXTRA_ARGS            more `vllm serve` flags, split on spaces  (default none)
 
 : "${CUDA_VISIBLE_DEVICES:=0,1,2,3,4,5,6,7}"
@@ -43,6 +46,9 @@ vllm_args() {
     fi
     if [ -n "${MOE_BACKEND:-}" ]; then
         VLLM_ARGS+=(--moe-backend "$MOE_BACKEND")
+    fi
+    if [ -n "${SPECULATIVE:-}" ]; then
+        VLLM_ARGS+=(--speculative-config "{\"method\": \"$SPECULATIVE\", \"num_speculative_tokens\": ${SPEC_TOKENS:-1}}")
     fi
     if [ -n "${EXTRA_ARGS:-}" ]; then
         read -r -a extra <<<"$EXTRA_ARGS"

@@ -53,11 +53,15 @@ DEFAULT_FLAGS = [
 ]
 
 
-def make_dst(path: Path, *, policy: str = "default", experts: str = "nvfp4") -> Path:
-    """The files launch.sh looks at in a finished conversion."""
+def make_dst(path: Path, *, policy: str = "default", experts: str = "nvfp4", mtp: bool = False) -> Path:
+    """The files launch.sh looks at in a finished conversion (``mtp``: with one MTP block, config and tensors)."""
     path.mkdir(parents=True)
-    (path / "config.json").write_text("{}")
-    (path / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    config = {"num_nextn_predict_layers": 1} if mtp else {}
+    weights = {"embed.weight": "model-00001-of-00001.safetensors"}
+    if mtp:
+        weights |= {"mtp.0.e_proj.weight": "model-00001-of-00001.safetensors"}
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weights}))
     min_vllm = "0.30" if policy == "bf16" else "0.22"
     report = {"policy": {"name": policy, "experts": experts, "min_vllm": min_vllm}}
     (path / "nvfp4-convert-report.json").write_text(json.dumps(report))
@@ -192,6 +196,44 @@ def test_refuses_megamoe_with_nvfp4_experts(tmp_path: Path, stub: Path, how: str
     assert launch(bf16, stub, *args, DRY_RUN="1", **env).returncode == 0
 
 
+@pytest.mark.parametrize(
+    ("config", "tensors", "env", "message"),
+    [
+        ({}, True, {}, "no num_nextn_predict_layers"),
+        ({"num_nextn_predict_layers": 0}, True, {}, "no num_nextn_predict_layers"),
+        ({"num_nextn_predict_layers": 1}, False, {}, "no mtp.* tensors"),
+        ({"num_nextn_predict_layers": 1}, True, {"SPECULATIVE": "eagle"}, "SPECULATIVE must be 'mtp'"),
+        ({"num_nextn_predict_layers": 1}, True, {"SPEC_TOKENS": "0"}, "SPEC_TOKENS must be a positive integer"),
+        ("not json", True, {}, "cannot read num_nextn_predict_layers"),
+    ],
+)
+def test_refuses_speculative_without_mtp(
+    tmp_path: Path, stub: Path, config: dict | str, tensors: bool, env: dict, message: str
+) -> None:
+    dst = make_dst(tmp_path / "dst", mtp=tensors)
+    (dst / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    r = launch(dst, stub, **{"SPECULATIVE": "mtp", **env})
+    assert r.returncode == 1, r.stderr
+    assert "refusing to start" in r.stderr and message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (stub / "serve.log").exists()  # vllm serve never ran
+    # without SPECULATIVE the same DST starts: the MTP check is opt-in
+    if isinstance(config, dict) and "SPECULATIVE" not in env:
+        assert launch(dst, stub, DRY_RUN="1").returncode == 0
+
+
+def test_speculative_mtp_flag(tmp_path: Path, stub: Path) -> None:
+    dst = make_dst(tmp_path / "dst", mtp=True)
+    args = dry_run_args(dst, stub, SPECULATIVE="mtp")
+    assert args[1:] == [*DEFAULT_FLAGS, "--speculative-config", '{"method": "mtp", "num_speculative_tokens": 1}']
+    args = dry_run_args(dst, stub, SPECULATIVE="mtp", SPEC_TOKENS="3", EXTRA_ARGS="--max-num-seqs 8")
+    spec = json.loads(args[args.index("--speculative-config") + 1])
+    assert spec == {"method": "mtp", "num_speculative_tokens": 3} and args[-2:] == ["--max-num-seqs", "8"]
+    r = launch(dst, stub, SPECULATIVE="mtp")
+    assert r.returncode == 0 and "speculative mtp x1" in r.stderr
+    assert "--speculative-config" not in dry_run_args(dst, stub)  # off unless asked for
+
+
 def test_refuses_more_tp_than_gpus(tmp_path: Path, stub: Path) -> None:
     dst = make_dst(tmp_path / "dst")
     r = launch(dst, stub, CUDA_VISIBLE_DEVICES="0,1", TP_SIZE="4")
@@ -318,6 +360,8 @@ def interpolate(value: str, env: dict[str, str]) -> str:
             "MAX_MODEL_LEN": "32768",
             "SERVED_NAME": "dsv4",
             "MOE_BACKEND": "flashinfer_cutlass",
+            "SPECULATIVE": "mtp",
+            "SPEC_TOKENS": "2",
             "EXTRA_ARGS": "--max-num-seqs 32",
         },
     ],
@@ -326,7 +370,7 @@ def test_compose_and_launch_pass_the_same_flags(tmp_path: Path, stub: Path, host
     """Run the compose service's entrypoint as the container would (its environment, its mounts mapped back
     to host paths) and launch.sh on the host with the same settings: the same `vllm serve` arguments."""
     svc = load_compose()["services"]["vllm"]
-    dst = make_dst(tmp_path / "dst")
+    dst = make_dst(tmp_path / "dst", mtp=True)
     env = {**host_env, "DST": str(dst)}
     container_env = {k: interpolate(str(v), env) for k, v in svc["environment"].items()}
     mounts = {}
@@ -371,8 +415,10 @@ def test_every_flag_exists_in_vllms_parser(tmp_path: Path, stub: Path) -> None:
     from vllm.tool_parsers import ToolParserManager
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    dst = make_dst(tmp_path / "dst")
-    args = dry_run_args(dst, stub, MAX_MODEL_LEN="65536", MOE_BACKEND="flashinfer_cutlass")
+    dst = make_dst(tmp_path / "dst", mtp=True)
+    args = dry_run_args(
+        dst, stub, MAX_MODEL_LEN="65536", MOE_BACKEND="flashinfer_cutlass", SPECULATIVE="mtp", SPEC_TOKENS="2"
+    )
     parser = make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
     flags = {a for a in args if a.startswith("--")}
     known = {s for action in parser._actions for s in action.option_strings}
@@ -387,6 +433,10 @@ def test_every_flag_exists_in_vllms_parser(tmp_path: Path, stub: Path) -> None:
     assert ns.tokenizer_mode == ns.tool_call_parser == ns.reasoning_parser == "deepseek_v4"
     assert ns.enable_auto_tool_choice is True
     assert (ns.max_model_len, ns.moe_backend, ns.served_model_name) == (65536, "flashinfer_cutlass", ["deepseek-v4"])
+    assert ns.speculative_config == {
+        "method": "mtp",
+        "num_speculative_tokens": 2,
+    }  # --speculative-config parsed as JSON
     # names the parser takes as free strings must still name something vLLM has
     assert "deepseek_v4" in ReasoningParserManager.list_registered()
     assert "deepseek_v4" in ToolParserManager.list_registered()
@@ -394,3 +444,26 @@ def test_every_flag_exists_in_vllms_parser(tmp_path: Path, stub: Path) -> None:
     assert "deepseek_v4" in str(tokenizer_modes.metavar)
     moe = next(a for a in parser._actions if a.dest == "moe_backend")
     assert "deep_gemm_mega_moe" in moe.choices  # the backend launch.sh refuses with NVFP4 experts is real
+
+
+def test_speculative_method_resolves_in_vllm(tmp_path: Path, stub: Path) -> None:
+    """The --speculative-config launch.sh writes, given to vLLM's own SpeculativeConfig with a DeepSeek-V4 target that
+    has an MTP block (the release fixture): method "mtp" stays "mtp" (vLLM 0.32 renames the older "deepseek_mtp" to
+    it, with a deprecation warning) and the draft becomes vLLM's DeepSeekV4MTPModel."""
+    pytest.importorskip("vllm")
+    from typing import get_args
+
+    from vllm.config import ModelConfig, ParallelConfig, SpeculativeConfig
+    from vllm.config.speculative import MTPModelTypes
+
+    fixture = ROOT / "tests" / "fixtures" / "tiny-dsv4-release"
+    if not fixture.exists():
+        pytest.skip("release fixture missing")
+    dst = make_dst(tmp_path / "dst", mtp=True)
+    args = dry_run_args(dst, stub, SPECULATIVE="mtp")
+    spec = json.loads(args[args.index("--speculative-config") + 1])
+    assert spec["method"] in get_args(MTPModelTypes)
+    target = ModelConfig(model=str(fixture), skip_tokenizer_init=True)
+    config = SpeculativeConfig(**spec, target_model_config=target, target_parallel_config=ParallelConfig())
+    assert (config.method, config.num_speculative_tokens) == ("mtp", 1)
+    assert config.draft_model_config.hf_config.architectures == ["DeepSeekV4MTPModel"]
