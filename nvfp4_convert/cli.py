@@ -404,6 +404,12 @@ def preflight_cmd(
         str | None, typer.Option("--planted-fault", help=f"plant one fault to see a FAIL: {', '.join(FAULTS)}")
     ] = None,
     max_num_seqs: Annotated[int, typer.Option("--max-num-seqs", min=1, help="vLLM's batch of sequences")] = 8,
+    gpu_memory_utilization: Annotated[
+        float,
+        typer.Option(
+            "--gpu-memory-utilization", min=0.05, max=0.95, help="vLLM's share of each GPU (several checks at once)"
+        ),
+    ] = 0.3,
     cuda_graphs: Annotated[
         bool, typer.Option("--cuda-graphs", help="compile and capture CUDA graphs as a server does (slower start)")
     ] = False,
@@ -437,6 +443,7 @@ def preflight_cmd(
         enable_expert_parallel=enable_expert_parallel,
         planted_fault=planted_fault,
         max_num_seqs=max_num_seqs,
+        gpu_memory_utilization=gpu_memory_utilization,
         cuda_graphs=cuda_graphs,
         hidden_size=hidden_size,
         prompt_lengths=_int_list(prompt_lengths, "--prompt-lengths"),

@@ -259,6 +259,11 @@ def test_cuda_decode_needs_a_hidden_size_its_fused_mhc_kernel_covers(hidden, com
     assert tiny_model.cuda_decode_computes(tiny_model.config_dict(tiny_model.SIZES["gpu"])["hidden_size"])
 
 
+def test_cli_refuses_a_gpu_share_vllm_cannot_take():
+    result = CliRunner().invoke(app, ["preflight", "--gpu-memory-utilization", "0.99"])
+    assert result.exit_code == 2 and "--gpu-memory-utilization" in result.output
+
+
 def test_cli_refuses_a_malformed_prompt_length_list():
     result = CliRunner().invoke(app, ["preflight", "--prompt-lengths", "1,x"])
     assert result.exit_code == 2 and "comma-separated integers" in result.output

@@ -57,6 +57,7 @@ class Options:
     enable_expert_parallel: bool = False
     planted_fault: str | None = None
     max_num_seqs: int = 8
+    gpu_memory_utilization: float = 0.3  # vLLM's share of each GPU: the tiny model needs little
     cuda_graphs: bool = False
     hidden_size: int | None = None  # another hidden size than the device's model size has
     prompt_lengths: tuple[int, ...] | None = None  # other prompts than the size's
@@ -185,6 +186,8 @@ def _preflight(opts: Options, work: Path, say) -> dict:
     prompts_json.write_text(json.dumps({"prompts": prompts, "max_tokens": size.max_tokens}))
     args = ["run", str(dst), "--prompts", str(prompts_json), "--device", device]
     args += ["--tensor-parallel-size", str(opts.tensor_parallel_size), "--max-num-seqs", str(opts.max_num_seqs)]
+    if device == "cuda":
+        args += ["--gpu-memory-utilization", str(opts.gpu_memory_utilization)]
     if opts.enable_expert_parallel:
         args.append("--enable-expert-parallel")
     if opts.cuda_graphs:
@@ -222,6 +225,7 @@ def _preflight(opts: Options, work: Path, say) -> dict:
         "tensor_parallel_size": opts.tensor_parallel_size,
         "enable_expert_parallel": opts.enable_expert_parallel,
         "max_num_seqs": opts.max_num_seqs,
+        "gpu_memory_utilization": opts.gpu_memory_utilization,
         "cuda_graphs": opts.cuda_graphs,
         "environment": {k: env.get(k) for k in ("vllm", "torch", "vllm_cuda", "gpu", "gpus", "capability", "python")},
         "backends": backend_lines(log),

@@ -6,7 +6,7 @@
 #   bash scripts/gpu/device_preflight.sh default-nvfp4=default:nvfp4 fault-swap=default:nvfp4:compressor_wkv_wgate_swapped \
 #        short=default:nvfp4:-:--prompt-lengths+1,4,16
 # Everything comes back in $OUT/<first run name>.tgz: per run its JSON, console output and vLLM's log (every
-# run of this machine so far). PARALLEL=1 starts every run at once (one GPU holds several at 0.3 of its memory).
+# run of this machine so far). PARALLEL=1 starts every run at once, each with GPU_SHARE (0.2) of the GPU's memory.
 set -uo pipefail
 if [ ! -d /root/site/vllm ]; then  # unpacked into a temporary folder and renamed: a cut-short unpack is redone
   t0=$(date +%s)
@@ -30,6 +30,7 @@ run_one() {  # one NAME=POLICY:EXPERTS[:FAULT][:OPTIONS] spec
   local args=(--device cuda --policy "$policy" --experts "$experts" --workdir "/root/pf/$name" --json "$RES/$name.json")
   [ -n "${fault:-}" ] && [ "$fault" != "-" ] && args+=(--planted-fault "$fault")
   [ -n "${extra:-}" ] && IFS=+ read -r -a more <<<"$extra" && args+=("${more[@]}")
+  [ "${PARALLEL:-0}" = 1 ] && args+=(--gpu-memory-utilization "${GPU_SHARE:-0.2}")  # 4 at once fit one GPU
   t0=$(date +%s)
   python3 -m nvfp4_convert preflight "${args[@]}" >"$RES/$name.console.txt" 2>&1
   rc=$?
