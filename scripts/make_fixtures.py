@@ -69,13 +69,23 @@ Each layer in ``bf16_o_a_layers`` gets
 appended to the quant config and is exported BF16 (ModelOpt then lists it in
 ``ignore`` / ``exclude_modules``).
 
+``recipes/<name>/`` (``--which recipes [--recipe NAME]``; not part of ``all``)
+    One ``tiny``-model export per ModelOpt recipe users make for DeepSeek-V4 (one
+    shard each, every ``o_a_proj`` quantized like the other attention linears):
+    ``nvfp4-kv-fp8`` (``hf_ptq.py --qformat nvfp4 --kv_cache_qformat fp8``),
+    ``experts-nvfp4-attn-fp8`` (routed experts NVFP4, ``*self_attn*`` per-tensor
+    FP8), ``nvfp4-bs32`` (NVFP4 block 32 except routed experts), ``experts-w4a16``
+    (routed experts without ``input_quantizer``), ``nvfp4-embed-lm-head``
+    (``lm_head`` and ``embed_tokens`` NVFP4 too), ``nvfp4-fp32`` (model built with
+    ``dtype=float32``). ``tests/fixtures/README.md`` documents each.
+
 Made with (CPU only): Python 3.11.7, torch 2.13.0+cpu, transformers 5.24.0,
 nvidia-modelopt 0.45.0, safetensors 0.8.0, numpy 2.4.6 (requests 2.34.2, needed
 by modelopt's import).
 
 Usage::
 
-    python scripts/make_fixtures.py [--out DIR] [--which all|tiny|e2e] [--seed 0]
+    python scripts/make_fixtures.py [--out DIR] [--which all|tiny|e2e|recipes] [--recipe NAME] [--seed 0]
 """
 
 from __future__ import annotations
@@ -92,7 +102,9 @@ from pathlib import Path
 
 import modelopt.torch.quantization as mtq
 import torch
+from modelopt.recipe.presets import KV_QUANT_CFG_CHOICES
 from modelopt.torch.export import export_hf_checkpoint
+from modelopt.torch.quantization.config import _load_quantizer_attribute_dict, _load_quantizer_cfg_dict_list
 from modelopt.torch.quantization.nn import QuantModuleRegistry
 from modelopt.torch.quantization.nn.modules.quant_linear import _QuantLinear
 from modelopt.torch.quantization.qtensor import NVFP4QTensor
@@ -143,6 +155,8 @@ class FixtureSpec:
     calib_tokens: int = 32
     max_shard_size: str = "10GB"
     num_shards: int = 1
+    quant_cfg: dict | None = None  # None: ``quant_config(bf16_o_a_layers)``
+    dtype: torch.dtype = torch.bfloat16
 
 
 def tiny_config() -> DeepseekV4Config:
@@ -218,10 +232,10 @@ def _fp32_kept(name: str, patterns: Iterable[str]) -> bool:
 
 
 @torch.no_grad()
-def build_model(config: DeepseekV4Config, seed: int) -> DeepseekV4ForCausalLM:
-    """Random model as a ``dtype=bfloat16`` load gives it; distinctive plain tensors."""
+def build_model(config: DeepseekV4Config, seed: int, dtype: torch.dtype = torch.bfloat16) -> DeepseekV4ForCausalLM:
+    """Random model as a ``dtype=...`` load gives it; distinctive plain tensors."""
     torch.manual_seed(seed)
-    model = DeepseekV4ForCausalLM._from_config(config, dtype=torch.bfloat16)
+    model = DeepseekV4ForCausalLM._from_config(config, dtype=dtype)
     model.eval()
     gen = torch.Generator().manual_seed(seed + 1000)
 
@@ -247,12 +261,12 @@ def build_model(config: DeepseekV4Config, seed: int) -> DeepseekV4ForCausalLM:
             vocab, top_k = module.tid2eid.shape
             rows = [torch.randperm(config.n_routed_experts, generator=gen)[:top_k] for _ in range(vocab)]
             module.tid2eid.copy_(torch.stack(rows).to(torch.int64))
-    check_plain_dtypes(model)
+    check_plain_dtypes(model, dtype)
     return model
 
 
-def check_plain_dtypes(model: DeepseekV4ForCausalLM) -> None:
-    """Assert fp32 kept modules are float32, ``tid2eid`` int64, the rest BF16."""
+def check_plain_dtypes(model: DeepseekV4ForCausalLM, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Assert fp32 kept modules are float32, ``tid2eid`` int64, the rest ``dtype``."""
     kept = type(model)._keep_in_fp32_modules_strict
     for name, tensor in model.state_dict().items():
         if name.endswith("tid2eid"):
@@ -260,7 +274,7 @@ def check_plain_dtypes(model: DeepseekV4ForCausalLM) -> None:
         elif _fp32_kept(name, kept):
             want = torch.float32
         else:
-            want = torch.bfloat16
+            want = dtype
         if tensor.dtype != want:
             raise AssertionError(f"{name}: {tensor.dtype}, expected {want}")
 
@@ -296,13 +310,14 @@ def make_forward_loop(vocab: int, batches: int, tokens: int, seed: int) -> Calla
 
 def write_export(spec: FixtureSpec, seed: int, out_root: Path) -> dict[str, torch.Tensor]:
     """Build, quantize and export one fixture; return the pre-quantization weights."""
-    model = build_model(spec.config, seed)
+    model = build_model(spec.config, seed, spec.dtype)
     reference = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     enable_o_a_proj_quantization(model)
     loop = make_forward_loop(spec.config.vocab_size, spec.calib_batches, spec.calib_tokens, seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = mtq.quantize(model, quant_config(spec.bf16_o_a_layers), loop)
+        cfg = spec.quant_cfg if spec.quant_cfg is not None else quant_config(spec.bf16_o_a_layers)
+        model = mtq.quantize(model, cfg, loop)
     dest = out_root / spec.name
     if dest.exists():
         shutil.rmtree(dest)
@@ -625,11 +640,118 @@ def make_e2e(out_root: Path, seed: int) -> None:
         file_sizes(d)
 
 
+# --- recipe fixtures (``--which recipes``) -------------------------------------------------
+# Each recipe's quant config is composed from ModelOpt 0.45's own building blocks (the units
+# under ``modelopt_recipes/configs/ptq/``, loaded with ModelOpt's loaders) the way its presets
+# and ``examples/llm_ptq/hf_ptq.py`` compose them. Every recipe uses the ``tiny`` model
+# (one shard, ``o_a_proj`` re-classed as above and quantized like the other attention linears).
+
+RECIPES_DIR = "recipes"
+_BASE_DISABLE_ALL = _load_quantizer_cfg_dict_list("configs/ptq/units/base_disable_all")
+_DEFAULT_DISABLED = _load_quantizer_cfg_dict_list("configs/ptq/units/default_disabled_quantizers")
+_EXPERTS_NVFP4 = _load_quantizer_cfg_dict_list("configs/ptq/units/experts_nvfp4")
+_NVFP4 = _load_quantizer_attribute_dict("configs/numerics/nvfp4")
+_NVFP4_BS32 = _load_quantizer_attribute_dict("configs/numerics/nvfp4_bs32")
+_FP8 = _load_quantizer_attribute_dict("configs/numerics/fp8")
+
+
+def _cfg(entries: list[dict]) -> dict:
+    return {"algorithm": "max", "quant_cfg": [dict(e) for e in entries]}
+
+
+def recipe_kv_fp8() -> dict:
+    """``hf_ptq.py --qformat nvfp4 --kv_cache_qformat fp8``: NVFP4_DEFAULT_CFG + the ``kv/fp8`` preset."""
+    return mtq.update_quant_cfg_with_kv_cache_quant(mtq.NVFP4_DEFAULT_CFG, KV_QUANT_CFG_CHOICES["fp8"]["quant_cfg"])
+
+
+def recipe_experts_fp8_attn() -> dict:
+    """Routed experts NVFP4 (``units/experts_nvfp4``), per-tensor FP8 W8A8 on ``*self_attn*``."""
+    fp8_attn = [
+        {"quantizer_name": "*self_attn*weight_quantizer", "cfg": dict(_FP8)},
+        {"quantizer_name": "*self_attn*input_quantizer", "cfg": dict(_FP8)},
+    ]
+    return _cfg(_BASE_DISABLE_ALL + fp8_attn + _EXPERTS_NVFP4 + _DEFAULT_DISABLED)
+
+
+def recipe_bs32() -> dict:
+    """NVFP4 W4A4 with ``numerics/nvfp4_bs32`` everywhere but the routed experts (block 16)."""
+    bs32 = [
+        {"quantizer_name": "*weight_quantizer", "cfg": dict(_NVFP4_BS32)},
+        {"quantizer_name": "*input_quantizer", "cfg": dict(_NVFP4_BS32)},
+    ]
+    return _cfg(_BASE_DISABLE_ALL + bs32 + _EXPERTS_NVFP4 + _DEFAULT_DISABLED)
+
+
+def recipe_experts_w4a16() -> dict:
+    """NVFP4_DEFAULT_CFG with the routed experts' input quantizers disabled (weight-only NVFP4)."""
+    cfg = dict(mtq.NVFP4_DEFAULT_CFG)
+    cfg["quant_cfg"] = [*cfg["quant_cfg"], {"quantizer_name": "*.experts.*input_quantizer", "enable": False}]
+    return cfg
+
+
+def recipe_embed_lm_head() -> dict:
+    """NVFP4_DEFAULT_CFG, then NVFP4 re-enabled on ``lm_head`` (W4A4) and ``embed_tokens`` (weight)."""
+    cfg = dict(mtq.NVFP4_DEFAULT_CFG)
+    cfg["quant_cfg"] = [
+        *cfg["quant_cfg"],
+        {"quantizer_name": "*lm_head*weight_quantizer", "cfg": dict(_NVFP4)},
+        {"quantizer_name": "*lm_head*input_quantizer", "cfg": dict(_NVFP4)},
+        {"quantizer_name": "*embed_tokens*weight_quantizer", "cfg": dict(_NVFP4)},
+    ]
+    return cfg
+
+
+def recipe_specs() -> list[FixtureSpec]:
+    """One spec per recipe fixture, written to ``recipes/<name>/``."""
+
+    def spec(name: str, cfg: dict, dtype: torch.dtype = torch.bfloat16) -> FixtureSpec:
+        return FixtureSpec(name=f"{RECIPES_DIR}/{name}", config=tiny_config(), quant_cfg=cfg, dtype=dtype)
+
+    return [
+        spec("nvfp4-kv-fp8", recipe_kv_fp8()),
+        spec("experts-nvfp4-attn-fp8", recipe_experts_fp8_attn()),
+        spec("nvfp4-bs32", recipe_bs32()),
+        spec("experts-w4a16", recipe_experts_w4a16()),
+        spec("nvfp4-embed-lm-head", recipe_embed_lm_head()),
+        spec("nvfp4-fp32", dict(mtq.NVFP4_DEFAULT_CFG), dtype=torch.float32),
+    ]
+
+
+def describe_export(directory: Path) -> None:
+    """Print every tensor (dtype, shape) and ``hf_quant_config.json`` of an export."""
+    tensors = load_export(directory)
+    for key in sorted(tensors):
+        t = tensors[key]
+        print(f"  {key:78s} {str(t.dtype)[6:]:14s} {tuple(t.shape)}")
+    print("  hf_quant_config.json:", (directory / "hf_quant_config.json").read_text())
+    print(f"  {len(tensors)} tensors")
+
+
+def make_recipes(out_root: Path, seed: int, only: str | None = None) -> None:
+    """Export every recipe fixture (or the one named ``only``); a recipe ModelOpt fails on is reported."""
+    failed = []
+    for spec in recipe_specs():
+        if only and spec.name != f"{RECIPES_DIR}/{only}":
+            continue
+        print(f"{out_root / spec.name}:")
+        try:
+            write_export(spec, seed, out_root)
+        except Exception as exc:  # report ModelOpt's error as is and go on
+            print(f"  NOT EXPORTED: {type(exc).__name__}: {exc}")
+            failed.append(spec.name)
+            continue
+        describe_export(out_root / spec.name)
+        file_sizes(out_root / spec.name)
+    if failed:
+        print("not exported:", failed)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--out", type=Path, default=Path("tests/fixtures"))
-    parser.add_argument("--which", choices=("all", "tiny", "e2e"), default="all")
+    parser.add_argument("--which", choices=("all", "tiny", "e2e", "recipes"), default="all")
+    parser.add_argument("--recipe", help="with --which recipes: only this recipe (directory name)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -637,6 +759,8 @@ def main(argv: list[str] | None = None) -> int:
         make_tiny(args.out, args.seed)
     if args.which in ("all", "e2e"):
         make_e2e(args.out, args.seed)
+    if args.which == "recipes":
+        make_recipes(args.out, args.seed, args.recipe)
     return 0
 
 
