@@ -3,6 +3,7 @@
 - ``dequantize_nvfp4``: ModelOpt NVFP4 (uint8 pairs of E2M1 codes, e4m3 block scales per 16 inputs,
   float32 global scale) to float32, in exactly ModelOpt's order ``code * (float32(ws) * ws2)``.
   ``input_scale`` is an activation scale and never enters here.
+- ``dequantize_fp8_tensor``: ModelOpt per-tensor FP8 (e4m3 weight, one float32 ``weight_scale``) to float32.
 - ``quantize_fp8_block``: float32 to ``float8_e4m3fn`` with one power-of-two scale per 128x128
   block, ``s = 2**ceil(log2(max(amax, 1e-4) / 448))``, weight ``e4m3(w * (1/s))``: the values of
   vLLM's ``per_block_cast_to_fp8(x, [128, 128], use_ue8m0=True)``; scales returned as float32 and
@@ -59,17 +60,27 @@ def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.embedding(packed.to(torch.int32), _BYTE_PAIRS).view(rows, half * 2)
 
 
-def dequantize_nvfp4(packed: torch.Tensor, weight_scale: torch.Tensor, weight_scale_2: torch.Tensor) -> torch.Tensor:
-    """float32 weight of an NVFP4 linear (rows may be any band of the full tensor)."""
+def dequantize_nvfp4(
+    packed: torch.Tensor, weight_scale: torch.Tensor, weight_scale_2: torch.Tensor, *, block: int = FP4_BLOCK
+) -> torch.Tensor:
+    """float32 weight of an NVFP4 linear (rows may be any band of the full tensor); ``block`` inputs per
+    ``weight_scale`` entry (16, ModelOpt's NVFP4; 32 for its block-32 variant)."""
     if weight_scale.dtype != torch.float8_e4m3fn:
         raise TypeError(f"weight_scale must be float8_e4m3fn, got {weight_scale.dtype}")
     values = unpack_e2m1(packed)
     rows, cols = values.shape
-    if weight_scale.shape != (rows, cols // FP4_BLOCK):
-        raise ValueError(f"weight_scale shape {tuple(weight_scale.shape)} != {(rows, cols // FP4_BLOCK)}")
+    if cols % block or weight_scale.shape != (rows, cols // block):
+        raise ValueError(f"weight_scale shape {tuple(weight_scale.shape)} != {(rows, cols // block)}")
     block_scale = weight_scale.to(torch.float32) * weight_scale_2.to(torch.float32)
     # in place: a fresh [rows, cols] float32 result would cost page faults for nothing
-    return values.view(rows, -1, FP4_BLOCK).mul_(block_scale.unsqueeze(-1)).view(rows, cols)
+    return values.view(rows, -1, block).mul_(block_scale.unsqueeze(-1)).view(rows, cols)
+
+
+def dequantize_fp8_tensor(q: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """float32 value of a ModelOpt per-tensor FP8 weight: ``float32(e4m3) * weight_scale`` (one float32 scalar)."""
+    if q.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"FP8 weight must be float8_e4m3fn, got {q.dtype}")
+    return q.to(torch.float32).mul_(weight_scale.to(torch.float32).reshape(()))
 
 
 def fp8_scale_shape(rows: int, cols: int) -> tuple[int, int]:

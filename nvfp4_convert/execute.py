@@ -12,7 +12,7 @@ Contract:
 - Shards are independent: ``workers`` processes write them in parallel; the bytes of every shard
   depend only on the plan, never on the number of workers or the order they finish in.
 - Block scales of NVFP4 tensors are checked as their bytes stream by, copied or converted: NaN or
-  negative stops the run.
+  negative stops the run (``formats.nvfp4.check_block_scales``). Decoding is the formats' (``formats.decode_rows``).
 """
 
 from __future__ import annotations
@@ -29,16 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .codecs import (
-    FP8_BLOCK,
-    dequantize_fp8_block,
-    dequantize_nvfp4,
-    fold_block_scales,
-    quantize_fp8_block,
-)
+from .codecs import FP8_BLOCK, fold_block_scales, quantize_fp8_block
 from .errors import ConvertError
+from .formats import decode_rows
+from .formats.nvfp4 import check_block_scales, check_e4m3_codes, is_block_scale
 from .plan import OutputTensor, Shard
-from .safetensors_io import ShardWriter, TensorInfo, TensorSink, read_rows, read_tensor
+from .safetensors_io import ShardWriter, TensorInfo, TensorSink, read_tensor
 
 BAND_BYTES = 64 * 1024 * 1024  # float32 bytes of one row band of a converted tensor
 
@@ -56,44 +52,6 @@ def band_rows(cols: int, multiple: int = FP8_BLOCK) -> int:
     return max(multiple, (BAND_BYTES // max(1, cols * 4)) // multiple * multiple)
 
 
-def decode_rows(sources: tuple[TensorInfo, ...], r0: int, r1: int) -> torch.Tensor:
-    """float32 rows ``[r0, r1)`` of a linear stored as NVFP4, FP8 block or dense (by source dtypes).
-
-    A NaN or infinite value (from the weight or any of its scales) stops the run naming the tensor and element.
-    """
-    weight = sources[0]
-    if weight.dtype == "U8":
-        ws = read_rows(sources[1], r0, r1)
-        check_block_scales(ws, sources[1])
-        x = dequantize_nvfp4(read_rows(weight, r0, r1), ws, read_tensor(sources[2]))
-    elif weight.dtype == "F8_E4M3":
-        if r0 % FP8_BLOCK:
-            raise ValueError("FP8 bands must start on a 128-row boundary")
-        scale = read_rows(sources[1], r0 // FP8_BLOCK, -(-r1 // FP8_BLOCK))
-        x = dequantize_fp8_block(read_rows(weight, r0, r1), scale)
-    else:
-        x = read_rows(weight, r0, r1).to(torch.float32)
-    finite = torch.isfinite(x)
-    if not bool(finite.all()):
-        r, c = (int(i) for i in (~finite).nonzero()[0])
-        raise ConvertError(
-            f"decoded value [{r0 + r}, {c}] is {float(x[r, c])} (weight or scale): not finite",
-            file=weight.file,
-            tensor=weight.name,
-        )
-    return x
-
-
-def check_block_scales(ws: torch.Tensor, info: TensorInfo) -> None:
-    """NVFP4 block scales must be finite and non-negative (e4m3fn has NaN but no Inf)."""
-    _check_e4m3_codes(ws.view(torch.uint8).reshape(-1).numpy(), info)
-
-
-def is_block_scale(info: TensorInfo) -> bool:
-    """An NVFP4 block-scale tensor (checked as it streams by, even when copied unchanged)."""
-    return info.name.endswith("weight_scale") and info.dtype == "F8_E4M3"
-
-
 class ScaleCheck:
     """``check_block_scales`` for the scale tensors among a run of copied tensors, applied to the
     source bytes as they stream by in chunks (``ShardWriter.copy_run``'s ``inspect``)."""
@@ -106,21 +64,7 @@ class ScaleCheck:
         for t in self.scales:
             lo, hi = max(t.start, offset), min(t.end, end)
             if lo < hi:
-                _check_e4m3_codes(np.frombuffer(view, np.uint8, hi - lo, lo - offset), t, first=lo - t.start)
-
-
-def _check_e4m3_codes(raw: np.ndarray, info: TensorInfo, first: int = 0) -> None:
-    """On flat raw e4m3fn codes, element ``first`` onwards of ``info`` (numpy: ~100x faster than
-    torch for uint8 compares here): NaN is 0x7F/0xFF, a negative value has the sign bit and a
-    non-zero magnitude (0x80 is -0.0)."""
-    if raw.size == 0 or int(raw.max()) <= 0x7E:  # the usual case, decided in one pass
-        return
-    bad = (raw > 0x80) | (raw == 0x7F)
-    if bad.any():
-        i = int(np.argmax(bad))
-        where = [int(k) for k in np.unravel_index(first + i, info.shape)]
-        value = torch.tensor([int(raw[i])], dtype=torch.uint8).view(torch.float8_e4m3fn).float().item()
-        raise ConvertError(f"block scale {where} is {value}: NaN or negative", file=info.file, tensor=info.name)
+                check_e4m3_codes(np.frombuffer(view, np.uint8, hi - lo, lo - offset), t, first=lo - t.start)
 
 
 def _bands(rows: int, cols: int) -> Iterator[tuple[int, int]]:

@@ -18,13 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from .checkpoint import Checkpoint
-from .codecs import dequantize_fp8_block, quantize_fp8_block
 from .errors import ConvertError
+from .formats import DENSE, FORMATS, FP8_BLOCK_FORMAT
 from .inventory import Inventory, Module, Role, build_inventory
-from .verify import output_weight, weight_errors
+from .metrics import output_weight, weight_errors
 
 GRAFTED_ROLES = {Role.ATTENTION, Role.COMPRESSOR, Role.INDEXER_WEIGHTS, Role.SHARED_EXPERT, Role.MTP_PROJ}
 SHAPE_KEYS = (
@@ -74,9 +72,9 @@ def check_reference(src_cfg: dict, ref_ckpt: Checkpoint, src: Inventory, ref: In
             raise ConvertError(
                 f"module {m.name} of the source has no weight in the reference", file=ref_ckpt.path, tensor=m.name
             )
-        if r.format == "nvfp4":
+        if not FORMATS[r.format].output:
             raise ConvertError(
-                "reference weight is NVFP4: a reference must be BF16 or FP8",
+                f"reference weight is {FORMATS[r.format].label}: a reference must be BF16 or FP8",
                 file=ref_ckpt.path,
                 tensor=r.params["weight"].name,
             )
@@ -115,9 +113,9 @@ def graft_errors(g: Graft, output_ops: dict[str, str] | None = None) -> list[dic
         }
         op = (output_ops or {}).get(f"{m.name}.weight")
         if op == "fp8_weight":
-            written = dequantize_fp8_block(*quantize_fp8_block(ref))
+            written = FP8_BLOCK_FORMAT.decode(FP8_BLOCK_FORMAT.encode(ref))
         elif op == "bf16":
-            written = ref.to(torch.bfloat16).float()
+            written = DENSE.decode(DENSE.encode(ref))
         elif op == "copy":  # REF already in the output format: written as it is
             written = ref
         else:

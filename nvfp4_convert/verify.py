@@ -14,7 +14,8 @@ Three layers of checks, each a list of ``Finding`` (check, tensor, ok, detail, m
 - ``check_against_reference(dst, ref)``: each linear vs a BF16 reference of the same model:
   relative Frobenius error, cosine, max abs error, and the relative error of ``x @ W.T``.
 
-Everything streams per tensor; ``sample`` limits the rows per tensor and the experts per layer.
+Everything streams per tensor; ``sample`` limits the rows per tensor and the experts per layer. Decoding is the
+formats' (``formats``), the error metrics ``metrics``' (``weight_errors`` and ``output_weight`` are re-exported).
 """
 
 from __future__ import annotations
@@ -31,14 +32,26 @@ from .checkpoint import Checkpoint
 from .codecs import FP8_BLOCK, dequantize_fp8_block, fp8_scale_shape, is_power_of_two
 from .config_emit import quantization_config, vllm_config
 from .errors import ConvertError
-from .execute import decode_rows
+from .formats import decode_rows
 from .inventory import Inventory, Module, Role, build_inventory
+from .metrics import output_weight, weight_errors
 from .naming import Naming, detect_naming, native_name
-from .plan import OutputTensor, build_plan, decode_sources, ignore_names
+from .plan import OutputTensor, build_plan, ignore_names
 from .policy import Policy
 from .report import REPORT_JSON
 from .safetensors_io import TensorInfo, read_rows, read_tensor
 from .state import dst_status
+
+__all__ = [
+    "Finding",
+    "Thresholds",
+    "check_against_reference",
+    "check_against_source",
+    "check_structure",
+    "output_weight",
+    "verify",
+    "weight_errors",
+]
 
 
 @dataclass
@@ -406,25 +419,6 @@ def _reference_weight(entry: tuple[TensorInfo, int | None, slice | None]) -> tor
     )
     w = read_tensor(sub).to(torch.float32)
     return w[rows] if rows is not None else w
-
-
-def weight_errors(w: torch.Tensor, ref: torch.Tensor, *, seed: int = 0) -> dict[str, float]:
-    """Relative Frobenius error, cosine, max abs error and relative error of x @ W.T (random x)."""
-    diff = w - ref
-    ref_norm = float(ref.norm()) or 1.0
-    x = torch.randn(8, w.shape[1], generator=torch.Generator().manual_seed(seed))
-    y_ref = x @ ref.T
-    return {
-        "rel_error": float(diff.norm()) / ref_norm,
-        "cosine": float(torch.nn.functional.cosine_similarity(w.flatten(), ref.flatten(), dim=0)),
-        "max_abs_error": float(diff.abs().max()),
-        "matmul_rel_error": float((x @ w.T - y_ref).norm()) / (float(y_ref.norm()) or 1.0),
-    }
-
-
-def output_weight(m: Module) -> torch.Tensor:
-    """float32 value of a converted linear as vLLM will compute with it."""
-    return decode_rows(decode_sources(m), 0, m.shape[0])
 
 
 def check_against_reference(

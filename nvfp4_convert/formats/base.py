@@ -1,0 +1,115 @@
+"""The interface every number format implements, and the helpers they share.
+
+A *format* is the knowledge of which tensors, dtypes and shapes make one linear's weight, and how to turn them into
+float32 (and, for output formats, back). A module's tensors are passed as ``Params``: parameter name (``weight``,
+``weight_scale``, ``weight_scale_2``, ``input_scale``, ``scale``) -> ``TensorInfo`` (dtype string, shape, file).
+
+Contract of a ``Format``:
+
+- ``recognise(params)``: whether these tensors claim this format (the weight's dtype, and where two formats share
+  it, the companions that tell them apart). Cheap, header only, never raises.
+- ``validate(module, params)``: everything the headers (and scalar scales) must satisfy; raises ``ConvertError``
+  naming the file and tensor at fault; returns the scalar scales it read (``Scalars``).
+- ``logical_shape(params)``: the [out, in] of the weight the tensors encode.
+- ``decode_params``: the parameters decoding reads, weight first (``decode_sources`` gives their ``TensorInfo``).
+- ``decode(tensors)``: float32 [rows, in] from in-memory tensors of any band of whole rows; ``decode_rows(params,
+  r0, r1)`` reads rows ``[r0, r1)`` (``r0`` a multiple of ``row_multiple``) and decodes them, checking the scales it
+  reads on the way. Decoding a band equals the same rows of decoding the whole.
+- output formats only (``output``): ``encode(x)`` float32 -> the tensors to write, ``output_tensors(rows, cols)``
+  their safetensors dtypes and shapes, ``in_output_form(params)`` whether a module is already what ``encode`` writes.
+
+The math (E2M1 tables, block scaling) lives in ``codecs``; formats call it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..errors import ConvertError
+from ..safetensors_io import TensorInfo, read_rows, read_tensor
+
+Params = Mapping[str, TensorInfo]
+Tensors = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Scalars:
+    """Scalar scales a format reads while validating (``None`` where it has none)."""
+
+    global_scale: float | None = None  # NVFP4 ``weight_scale_2``; per-tensor FP8 ``weight_scale``
+    input_scale: float | None = None  # activation scale: never part of a weight's value
+
+
+class Format:
+    """Base of the format classes; the subclasses are stateless singletons (see ``formats.FORMATS``)."""
+
+    name: ClassVar[str]  # the ``Module.format`` string
+    label: ClassVar[str]  # how messages name it
+    weight_dtypes: ClassVar[tuple[str, ...]]  # safetensors dtypes of its ``weight``
+    decode_params: ClassVar[tuple[str, ...]] = ("weight",)
+    row_multiple: ClassVar[int] = 1  # a decoded band must start on a multiple of this many rows
+    output: ClassVar[bool] = False  # the converter writes it (``encode``)
+    run_source: ClassVar[bool] = False  # ``run`` converts it today
+
+    def recognise(self, params: Params) -> bool:
+        w = params.get("weight")
+        return w is not None and w.dtype in self.weight_dtypes
+
+    def validate(self, module: str, params: Params) -> Scalars:
+        raise NotImplementedError
+
+    def logical_shape(self, params: Params) -> tuple[int, int]:
+        w = params["weight"]
+        return (w.shape[0], w.shape[1])
+
+    def decode_sources(self, params: Params) -> tuple[TensorInfo, ...]:
+        return tuple(params[p] for p in self.decode_params)
+
+    def read_band(self, params: Params, r0: int, r1: int) -> dict[str, torch.Tensor]:
+        """The in-memory tensors ``decode`` needs for rows ``[r0, r1)``."""
+        if r0 % self.row_multiple:
+            raise ValueError(f"{self.label} bands must start on a {self.row_multiple}-row boundary")
+        return {p: read_rows(params[p], r0, r1) for p in self.decode_params}
+
+    def decode(self, tensors: Tensors) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode_rows(self, params: Params, r0: int, r1: int) -> torch.Tensor:
+        return self.decode(self.read_band(params, r0, r1))
+
+    def __repr__(self) -> str:
+        return f"<format {self.name}>"
+
+
+def fail(info: TensorInfo, what: str) -> ConvertError:
+    """A ``ConvertError`` about ``info``, naming its file and tensor."""
+    return ConvertError(what, file=info.file, tensor=info.name)
+
+
+def require(params: Params, needed: tuple[str, ...], what: str) -> None:
+    """Each of ``needed`` is present, else an error on the weight: ``<what> weight without its <param>``."""
+    weight = params["weight"]
+    for p in needed:
+        if p not in params:
+            raise fail(weight, f"{what} weight without its {p}")
+
+
+def refuse_extra(params: Params, allowed: tuple[str, ...], what: str) -> None:
+    """No parameter beyond ``allowed``: ``unexpected <param> beside <what> weight``."""
+    extra = sorted(set(params) - set(allowed))
+    if extra:
+        raise fail(params[extra[0]], f"unexpected {extra[0]} beside {what} weight")
+
+
+def positive_scalar(info: TensorInfo) -> float:
+    """The value of a float32 scalar scale; it must be finite and > 0."""
+    if info.dtype != "F32" or info.numel != 1:
+        raise fail(info, f"must be a float32 scalar, got {info.dtype}{list(info.shape)}")
+    value = float(read_tensor(info).reshape(()).item())
+    if not (value > 0 and torch.isfinite(torch.tensor(value))):
+        raise fail(info, f"scale is {value}: must be finite and > 0")
+    return value
