@@ -1,10 +1,8 @@
 """Every source tensor, renamed to native and grouped into modules with a role and a storage format.
 
 The format of a linear is decided per module from the dtypes and companions on disk, never from
-the config (CONTRACT.md section 1): ``nvfp4`` = uint8 ``weight`` + e4m3 ``weight_scale`` [out, in/16]
-+ float32 scalar ``weight_scale_2`` (+ optional ``input_scale``); ``fp8`` = e4m3 ``weight`` + e8m0 or
-float32 ``scale`` [ceil(out/128), ceil(in/128)]; ``mxfp4`` (DeepSeek's own release, routed experts) = int8
-``weight`` [out, in/2] + e8m0 ``scale`` [out, in/32]; ``dense`` = a floating ``weight`` alone. Non-linear
+the config (CONTRACT.md section 1): the ``formats`` registry recognises it (``nvfp4``, ``nvfp4_32``, ``fp8``,
+``fp8_tensor``, ``mxfp4``, ``dense``: see each format's module) and the format validates it. Non-linear
 tensors are modules of format ``tensor`` with a single unnamed parameter.
 
 A tensor that no naming rule covers, a quantized weight without its scales, a scale without its
@@ -18,13 +16,11 @@ import re
 from dataclasses import dataclass, field
 from enum import Enum
 
-import torch
-
+from . import formats
 from .checkpoint import Checkpoint
-from .codecs import FP4_BLOCK, MX_BLOCK, fp8_scale_shape
 from .errors import ConvertError
 from .naming import LINEAR_PARAMS, Naming, detect_naming, native_name
-from .safetensors_io import TensorInfo, read_tensor
+from .safetensors_io import TensorInfo
 
 
 class Role(str, Enum):
@@ -68,7 +64,6 @@ _TENSOR_ROLE_RULES: list[tuple[re.Pattern[str], Role]] = [
     (re.compile(r"(norm|enorm|hnorm)\.weight$"), Role.NORM),
     (re.compile(r"(^|\.)hc_(attn|ffn|head)_(fn|base|scale)$"), Role.HYPER_CONNECTION),
 ]
-_FLOAT_DTYPES = {"BF16", "F16", "F32"}
 
 
 def linear_role(module: str) -> Role | None:
@@ -87,16 +82,15 @@ class Module:
 
     name: str  # native module name (linear) or native tensor name (plain tensor)
     role: Role
-    format: str  # "nvfp4" | "fp8" | "mxfp4" | "dense" | "tensor"
+    format: str  # a ``formats.FORMATS`` name ("nvfp4", "fp8", "mxfp4", "dense", ...) or "tensor"
     params: dict[str, TensorInfo] = field(default_factory=dict)  # param -> source tensor
-    global_scale: float | None = None  # weight_scale_2 of an NVFP4 module
+    global_scale: float | None = None  # weight_scale_2 of an NVFP4 module (weight_scale of a per-tensor FP8 one)
     input_scale: float | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
-        """Logical [out, in] of a linear."""
-        w = self.params["weight"]
-        return (w.shape[0], w.shape[1] * 2) if self.format in ("nvfp4", "mxfp4") else (w.shape[0], w.shape[1])
+        """Logical [out, in] of a linear (its format's ``logical_shape``)."""
+        return formats.FORMATS[self.format].logical_shape(self.params)
 
     @property
     def source_bytes(self) -> int:
@@ -179,6 +173,7 @@ def _sort_key(name: str) -> tuple:
 
 
 def _linear_module(module: str, params: dict[str, TensorInfo]) -> Module:
+    """One linear: its format is the one its tensors claim (``formats.recognise``), validated by that format."""
     role = linear_role(module)
     assert role is not None
     weight = params.get("weight")
@@ -187,87 +182,9 @@ def _linear_module(module: str, params: dict[str, TensorInfo]) -> Module:
         raise ConvertError(f"{sorted(params)} present but no weight for {module}", file=some.file, tensor=some.name)
     if len(weight.shape) != 2:
         raise ConvertError(f"linear weight must be 2-D, got {list(weight.shape)}", file=weight.file, tensor=weight.name)
-    if weight.dtype == "U8":
-        return _nvfp4_module(module, role, params)
-    if weight.dtype == "F8_E4M3":
-        return _fp8_module(module, role, params)
-    if weight.dtype == "I8":
-        return _mxfp4_module(module, role, params)
-    if weight.dtype in _FLOAT_DTYPES:
-        extra = sorted(set(params) - {"weight"})
-        if extra:
-            t = params[extra[0]]
-            raise ConvertError(
-                f"{weight.dtype} weight with quantization companion {extra[0]}", file=t.file, tensor=t.name
-            )
-        return Module(module, role, "dense", dict(params))
-    raise ConvertError(f"unsupported linear weight dtype {weight.dtype}", file=weight.file, tensor=weight.name)
-
-
-def _nvfp4_module(module: str, role: Role, params: dict[str, TensorInfo]) -> Module:
-    weight = params["weight"]
-    for needed in ("weight_scale", "weight_scale_2"):
-        if needed not in params:
-            raise ConvertError(f"NVFP4 (uint8) weight without its {needed}", file=weight.file, tensor=weight.name)
-    if "scale" in params:
-        t = params["scale"]
-        raise ConvertError("FP8 'scale' beside an NVFP4 weight", file=t.file, tensor=t.name)
-    out, half_in = weight.shape
-    ws, ws2 = params["weight_scale"], params["weight_scale_2"]
-    if ws.dtype != "F8_E4M3":
-        raise ConvertError(f"weight_scale must be F8_E4M3, got {ws.dtype}", file=ws.file, tensor=ws.name)
-    if (half_in * 2) % FP4_BLOCK or ws.shape != (out, half_in * 2 // FP4_BLOCK):
-        raise ConvertError(
-            f"weight_scale shape {list(ws.shape)} != [{out}, {half_in * 2 // FP4_BLOCK}] for weight {list(weight.shape)}",
-            file=ws.file,
-            tensor=ws.name,
-        )
-    mod = Module(module, role, "nvfp4", dict(params))
-    mod.global_scale = _positive_scalar(ws2)
-    if "input_scale" in params:
-        mod.input_scale = _positive_scalar(params["input_scale"])
-    return mod
-
-
-def _fp8_module(module: str, role: Role, params: dict[str, TensorInfo]) -> Module:
-    weight = params["weight"]
-    scale = params.get("scale")
-    if scale is None:
-        raise ConvertError("FP8 weight without its block 'scale'", file=weight.file, tensor=weight.name)
-    if scale.dtype not in ("F8_E8M0", "F32"):
-        raise ConvertError(
-            f"FP8 block scale must be F8_E8M0 or F32, got {scale.dtype}", file=scale.file, tensor=scale.name
-        )
-    expected = fp8_scale_shape(*weight.shape)
-    if scale.shape != expected:
-        raise ConvertError(f"scale shape {list(scale.shape)} != {list(expected)}", file=scale.file, tensor=scale.name)
-    extra = sorted(set(params) - {"weight", "scale"})
-    if extra:
-        t = params[extra[0]]
-        raise ConvertError(f"unexpected {extra[0]} beside an FP8 weight", file=t.file, tensor=t.name)
-    return Module(module, role, "fp8", dict(params))
-
-
-def _mxfp4_module(module: str, role: Role, params: dict[str, TensorInfo]) -> Module:
-    """DeepSeek's release MXFP4: int8 ``weight`` [out, in/2] + E8M0 ``scale`` [out, in/32], nothing else."""
-    weight = params["weight"]
-    scale = params.get("scale")
-    if scale is None:
-        raise ConvertError("MXFP4 (int8) weight without its E8M0 'scale'", file=weight.file, tensor=weight.name)
-    if scale.dtype not in ("F8_E8M0", "U8"):
-        raise ConvertError(f"MXFP4 scale must be F8_E8M0, got {scale.dtype}", file=scale.file, tensor=scale.name)
-    out, half_in = weight.shape
-    if (half_in * 2) % MX_BLOCK or scale.shape != (out, half_in * 2 // MX_BLOCK):
-        raise ConvertError(
-            f"scale shape {list(scale.shape)} != [{out}, {half_in * 2 // MX_BLOCK}] for weight {list(weight.shape)}",
-            file=scale.file,
-            tensor=scale.name,
-        )
-    extra = sorted(set(params) - {"weight", "scale"})
-    if extra:
-        t = params[extra[0]]
-        raise ConvertError(f"unexpected {extra[0]} beside an MXFP4 weight", file=t.file, tensor=t.name)
-    return Module(module, role, "mxfp4", dict(params))
+    fmt = formats.recognise(params)
+    scalars = fmt.validate(module, params)
+    return Module(module, role, fmt.name, dict(params), scalars.global_scale, scalars.input_scale)
 
 
 RELEASE_FORMAT = "DeepSeek's native release format (FP8 linears, MXFP4 routed experts, E8M0 scales)"
@@ -279,14 +196,3 @@ def source_format(inv: Inventory) -> str | None:
     if inv.naming == "native" and any(m.format == "mxfp4" for m in inv.linears(Role.ROUTED_EXPERT)):
         return RELEASE_FORMAT
     return None
-
-
-def _positive_scalar(info: TensorInfo) -> float:
-    if info.dtype != "F32" or info.numel != 1:
-        raise ConvertError(
-            f"must be a float32 scalar, got {info.dtype}{list(info.shape)}", file=info.file, tensor=info.name
-        )
-    value = float(read_tensor(info).reshape(()).item())
-    if not (value > 0 and torch.isfinite(torch.tensor(value))):
-        raise ConvertError(f"scale is {value}: must be finite and > 0", file=info.file, tensor=info.name)
-    return value
