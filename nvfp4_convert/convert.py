@@ -24,6 +24,7 @@ from .checkpoint import INDEX_NAME, Checkpoint
 from .config_emit import hf_quant_config, vllm_config
 from .errors import ConvertError
 from .execute import Progress, ShardResult, write_shards
+from .formats import nvfp4 as nvfp4_format
 from .graft import REPLACED_REASON, Graft, graft, graft_errors
 from .inventory import Inventory, build_inventory, source_format
 from .plan import DEFAULT_SHARD_BYTES, Account, Plan, build_plan
@@ -320,7 +321,13 @@ def _write_metadata(prep: Prepared, dst: Path) -> None:
     index = {"metadata": {"total_size": plan.output_bytes}, "weight_map": plan.weight_map()}
     write_file_atomic(dst / INDEX_NAME, json.dumps(index, indent=2).encode())
     write_file_atomic(dst / "config.json", json.dumps(prep.config, indent=2).encode())
-    experts = sorted({o.name.rsplit(".", 1)[0] for o in plan.outputs if o.dtype == "U8" and ".ffn.experts." in o.name})
+    experts = sorted(
+        {
+            o.name.rsplit(".", 1)[0]
+            for o in plan.outputs
+            if o.dtype == nvfp4_format.WEIGHT_DTYPE and ".ffn.experts." in o.name
+        }
+    )
     write_file_atomic(
         dst / "hf_quant_config.json", json.dumps(hf_quant_config(experts, plan.ignored_layers), indent=2).encode()
     )

@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .codecs import FP8_BLOCK, fold_block_scales, quantize_fp8_block
+from .codecs import FP8_BLOCK, fold_block_scales
 from .errors import ConvertError
-from .formats import decode_rows
+from .formats import DENSE, FP8_BLOCK_FORMAT, decode_rows, of_sources
 from .formats.nvfp4 import check_block_scales, check_e4m3_codes, is_block_scale
 from .plan import OutputTensor, Shard
 from .safetensors_io import ShardWriter, TensorInfo, TensorSink, read_tensor
@@ -90,11 +90,11 @@ def produce(out: OutputTensor, writer: TensorSink, scales: dict[str, list[torch.
         for r0, r1 in _bands(rows, cols):
             x = decode_rows(out.sources, r0, r1)
             if out.op == "bf16":
-                writer.write(x.to(torch.bfloat16))
+                writer.write(DENSE.encode(x)["weight"])
                 continue
-            q, scale = quantize_fp8_block(x)
-            writer.write(q if out.op == "fp8_weight" else scale.to(torch.float8_e8m0fnu))
-            kept.append(scale)
+            encoded = FP8_BLOCK_FORMAT.encode(x)
+            writer.write(encoded["weight" if out.op == "fp8_weight" else "scale"])
+            kept.append(encoded["scale"])
         if out.op == "fp8_weight" and scales is not None:
             scales[out.name.removesuffix(".weight") + ".scale"] = kept
     elif out.op == "fold_scale":
@@ -108,8 +108,8 @@ def produce(out: OutputTensor, writer: TensorSink, scales: dict[str, list[torch.
 
 
 def _logical_cols(sources: tuple[TensorInfo, ...]) -> int:
-    w = sources[0]
-    return w.shape[1] * 2 if w.dtype == "U8" else w.shape[1]
+    fmt, params = of_sources(sources)
+    return fmt.logical_shape(params)[1]
 
 
 def copy_runs(outputs: list[OutputTensor]) -> list[list[OutputTensor]]:

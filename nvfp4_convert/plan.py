@@ -21,8 +21,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .codecs import FOLD_MAX_REL_ERROR, fold_block_scales, fp8_scale_shape, gate_up_fold
+from .codecs import FOLD_MAX_REL_ERROR, fold_block_scales, gate_up_fold
 from .errors import ConvertError
+from .formats import DENSE, FORMATS, FP8_BLOCK_FORMAT, NVFP4
+from .formats import nvfp4 as nvfp4_format
 from .inventory import Inventory, Module, Role
 from .policy import Policy, Target
 from .safetensors_io import OutEntry, TensorInfo, read_tensor
@@ -160,9 +162,8 @@ def build_plan(inv: Inventory, policy: Policy, source: Path, *, shard_bytes: int
 
 def already_in_target(module: Module, target: Target) -> bool:
     """A BF16 linear bound for BF16, or an FP8 linear with e8m0 scales bound for FP8: bytes kept."""
-    if target == Target.BF16:
-        return module.format == "dense" and module.params["weight"].dtype == "BF16"
-    return target == Target.FP8 and module.format == "fp8" and module.params["scale"].dtype == "F8_E8M0"
+    fmt = {Target.BF16: DENSE, Target.FP8: FP8_BLOCK_FORMAT}.get(target)
+    return fmt is not None and module.format == fmt.name and fmt.in_output_form(module.params)
 
 
 def _out_name(module: Module, param: str) -> str:
@@ -181,12 +182,8 @@ def _copy_linear(plan: Plan, module: Module) -> None:
 
 
 def decode_sources(module: Module) -> tuple[TensorInfo, ...]:
-    p = module.params
-    if module.format == "nvfp4":
-        return (p["weight"], p["weight_scale"], p["weight_scale_2"])
-    if module.format == "fp8":
-        return (p["weight"], p["scale"])
-    return (p["weight"],)
+    """The tensors decoding ``module`` reads, weight first (its format's ``decode_sources``)."""
+    return FORMATS[module.format].decode_sources(module.params)
 
 
 def _convert(plan: Plan, module: Module, target: str) -> None:
@@ -194,13 +191,14 @@ def _convert(plan: Plan, module: Module, target: str) -> None:
     rows, cols = module.shape
     weight = _out_name(module, "weight")
     if target == "bf16":
-        outs = [OutputTensor(weight, "BF16", (rows, cols), "bf16", sources)]
-        action = "dequantized" if module.format != "dense" else "cast"
+        dtype, shape = DENSE.output_tensors(rows, cols)["weight"]
+        outs = [OutputTensor(weight, dtype, shape, "bf16", sources)]
+        action = "dequantized" if module.format != DENSE.name else "cast"
     else:
-        scale = _out_name(module, "scale")
+        ops = {"weight": "fp8_weight", "scale": "fp8_scale"}
         outs = [
-            OutputTensor(weight, "F8_E4M3", (rows, cols), "fp8_weight", sources),
-            OutputTensor(scale, "F8_E8M0", fp8_scale_shape(rows, cols), "fp8_scale", sources),
+            OutputTensor(_out_name(module, param), dtype, shape, ops[param], sources)
+            for param, (dtype, shape) in FP8_BLOCK_FORMAT.output_tensors(rows, cols).items()
         ]
         action = "quantized"
     plan.outputs.extend(outs)
@@ -219,7 +217,7 @@ def _convert(plan: Plan, module: Module, target: str) -> None:
 def _keep_nvfp4_expert(
     plan: Plan, module: Module, experts: dict[str, Module], fixes: dict[str, GateUpFix | None]
 ) -> None:
-    if module.format != "nvfp4":
+    if module.format != NVFP4.name:
         w = module.params["weight"]
         raise ConvertError(
             f"routed expert is {module.format}, not NVFP4: use --experts bf16", file=w.file, tensor=w.name
@@ -238,7 +236,9 @@ def _keep_nvfp4_expert(
     for param, info in module.params.items():
         out = _out_name(module, param)
         if fix and fix.rescaled == half and param == "weight_scale":
-            plan.outputs.append(OutputTensor(out, "F8_E4M3", info.shape, "fold_scale", (info,), fix.ratio))
+            plan.outputs.append(
+                OutputTensor(out, nvfp4_format.SCALE_DTYPE, info.shape, "fold_scale", (info,), fix.ratio)
+            )
             reason = f"gate/up global scales differ ({fix.gate_scale_2:g} vs {fix.up_scale_2:g}): block scales x {fix.ratio:.6g}"
             plan.accounts.append(Account(info.name, "rescaled", (out,), reason, module.role.value, info.nbytes))
         elif fix and fix.rescaled == half and param == "weight_scale_2":

@@ -32,7 +32,8 @@ from .checkpoint import Checkpoint
 from .codecs import FP8_BLOCK, dequantize_fp8_block, fp8_scale_shape, is_power_of_two
 from .config_emit import quantization_config, vllm_config
 from .errors import ConvertError
-from .formats import decode_rows
+from .formats import DENSE, FP8_BLOCK_FORMAT, NVFP4, decode_rows
+from .formats import nvfp4 as nvfp4_format
 from .inventory import Inventory, Module, Role, build_inventory
 from .metrics import output_weight, weight_errors
 from .naming import Naming, detect_naming, native_name
@@ -150,7 +151,7 @@ def _check_config(cfg: dict[str, Any]) -> list[Finding]:
 
 def _check_module_format(m: Module) -> list[Finding]:
     expert = m.role == Role.ROUTED_EXPERT
-    if m.format == "nvfp4" and not expert:
+    if m.format == NVFP4.name and not expert:
         return [
             Finding(
                 "no stale NVFP4",
@@ -159,9 +160,9 @@ def _check_module_format(m: Module) -> list[Finding]:
                 detail="NVFP4 tensors left on a module vLLM builds as FP8/BF16",
             )
         ]
-    if m.format == "fp8":
+    if m.format == FP8_BLOCK_FORMAT.name:
         scale = m.params["scale"]
-        if scale.dtype != "F8_E8M0":
+        if not FP8_BLOCK_FORMAT.in_output_form(m.params):
             return [
                 Finding("fp8 scale dtype", scale.name, ok=False, detail=f"{scale.dtype}, want F8_E8M0 (float8_e8m0fnu)")
             ]
@@ -173,7 +174,7 @@ def _check_module_format(m: Module) -> list[Finding]:
                 "fp8 scale power of two", scale.name, ok=pow2, detail="" if pow2 else "a scale is not a power of two"
             )
         ]
-    if m.format == "dense" and m.params["weight"].dtype != "BF16":
+    if m.format == DENSE.name and not DENSE.in_output_form(m.params):
         return [Finding("bf16", m.params["weight"].name, ok=False, detail=f"{m.params['weight'].dtype}, want BF16")]
     return []
 
@@ -219,10 +220,10 @@ def _check_expected_modules(inv: Inventory, cfg: dict[str, Any]) -> list[Finding
         if n not in present
     ]
     for m in inv.linears(Role.ROUTED_EXPERT):
-        if m.format == "nvfp4":
+        if m.format == NVFP4.name:
             out += [
                 Finding("complete", f"{m.name}.{p}", ok=False, detail="NVFP4 expert tensor missing")
-                for p in ("weight_scale", "weight_scale_2", "input_scale")
+                for p in nvfp4_format.PARAMS[1:]
                 if p not in m.params
             ]
     return out or [Finding("complete", "all modules", ok=True, detail=f"{len(wanted)} expected tensors present")]
@@ -230,7 +231,7 @@ def _check_expected_modules(inv: Inventory, cfg: dict[str, Any]) -> list[Finding
 
 def bf16_modules_needing_ignore(inv: Inventory) -> set[str]:
     """Native names that must be in ``ignored_layers`` given the formats on disk."""
-    return {n for m in inv.linears() if m.format == "dense" for n in ignore_names(m)}
+    return {n for m in inv.linears() if m.format == DENSE.name for n in ignore_names(m)}
 
 
 def _check_ignored_layers(inv: Inventory, cfg: dict[str, Any]) -> list[Finding]:
@@ -242,7 +243,7 @@ def _check_ignored_layers(inv: Inventory, cfg: dict[str, Any]) -> list[Finding]:
         )
         for n in sorted(need - listed)
     ]
-    fp8 = {m.name for m in inv.linears() if m.format == "fp8"}
+    fp8 = {m.name for m in inv.linears() if m.format == FP8_BLOCK_FORMAT.name}
     out += [
         Finding("ignored_layers", n, ok=False, detail="FP8 module listed in ignored_layers: vLLM would build it BF16")
         for n in sorted(listed & fp8)
