@@ -278,3 +278,11 @@ def test_tensor_infos_are_what_the_formats_read(tmp_path):
     params = _params(tmp_path, _nvfp4())
     assert all(isinstance(i, TensorInfo) for i in params.values())
     assert NVFP4.decode_sources(params) == (params["weight"], params["weight_scale"], params["weight_scale_2"])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_in_memory_tensors_are_recognised_and_decoded_as_on_disk(tmp_path, case):
+    tensors = CASES[case]()
+    fmt = formats.recognise_tensors(tensors)
+    assert fmt is formats.recognise(_params(tmp_path, tensors))
+    assert torch.equal(fmt.decode(tensors), _independent(case, tensors))

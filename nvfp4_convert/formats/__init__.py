@@ -7,17 +7,20 @@
 - ``dense``: BF16/F16/F32 ``weight`` (``DENSE``; an output format, as BF16)
 
 ``recognise(params)`` gives the one format a module's tensors claim (``ConvertError`` naming the weight when none
-does); ``FORMATS[name]`` the format of a ``Module.format`` string; ``decode_rows(sources, r0, r1)`` decodes the
+does; ``recognise_tensors`` the same for in-memory tensors); ``FORMATS[name]`` the format of a ``Module.format`` string; ``decode_rows(sources, r0, r1)`` decodes the
 tensors a plan names (``OutputTensor.sources``, recognised again from their names and dtypes) and stops on a value
 that is not finite. Contract of each format: ``base.Format``. Nothing here imports planning or verification.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
+
 import torch
 
 from ..errors import ConvertError
-from ..safetensors_io import TensorInfo
+from ..safetensors_io import TORCH_TO_ST, TensorInfo
 from .base import Format, Params, Scalars
 from .dense import DENSE
 from .fp8_block import FP8_BLOCK_FORMAT
@@ -46,6 +49,7 @@ __all__ = [
     "decode_rows",
     "of_sources",
     "recognise",
+    "recognise_tensors",
 ]
 
 
@@ -56,6 +60,16 @@ def recognise(params: Params) -> Format:
         weight = params["weight"]
         raise ConvertError(f"unsupported linear weight dtype {weight.dtype}", file=weight.file, tensor=weight.name)
     return fmt
+
+
+def recognise_tensors(tensors: Mapping[str, torch.Tensor], module: str = "<memory>") -> Format:
+    """The format of one linear held in memory (param -> tensor), recognised from torch dtypes and shapes."""
+    return recognise(
+        {
+            p: TensorInfo(f"{module}.{p}", TORCH_TO_ST[t.dtype], tuple(t.shape), Path("<memory>"), 0, t.nbytes)
+            for p, t in tensors.items()
+        }
+    )
 
 
 def params_of(sources: tuple[TensorInfo, ...]) -> dict[str, TensorInfo]:

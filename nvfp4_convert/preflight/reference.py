@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from ..codecs import dequantize_fp8_block, dequantize_nvfp4
+from ..formats import recognise_tensors
+from ..naming import LINEAR_PARAMS
 
 Tensors = dict[str, torch.Tensor]
 
@@ -52,8 +53,9 @@ def load_tensors(path: Path) -> Tensors:
 def dequantized_state_dict(tensors: Tensors) -> Tensors:
     """float32 weights by transformers name, experts fused as transformers holds them.
 
-    A linear may be stored NVFP4 (``weight_scale``, ``weight_scale_2``; ``input_scale`` is an activation scale and
-    is dropped), FP8 with a block ``scale``, or plain; other tensors are cast to float32 (integers kept).
+    A linear may be stored in any format of ``formats`` (NVFP4 with ``weight_scale``, ``weight_scale_2``;
+    ``input_scale`` is an activation scale and is dropped; FP8 with a block ``scale`` or a per-tensor
+    ``weight_scale``; MXFP4), decoded by that format, or plain; other tensors are cast to float32 (integers kept).
     """
     sd: Tensors = {}
     for name, t in tensors.items():
@@ -62,10 +64,9 @@ def dequantized_state_dict(tensors: Tensors) -> Tensors:
         if name.endswith(".scale") and f"{name.removesuffix('.scale')}.weight" in tensors:
             continue  # an FP8 block scale (not attn_hc.scale and the like, which have no weight beside them)
         module = name.removesuffix(".weight")
-        if name.endswith(".weight") and f"{module}.weight_scale" in tensors:
-            sd[name] = dequantize_nvfp4(t, tensors[f"{module}.weight_scale"], tensors[f"{module}.weight_scale_2"])
-        elif name.endswith(".weight") and f"{module}.scale" in tensors:
-            sd[name] = dequantize_fp8_block(t, tensors[f"{module}.scale"])
+        if name.endswith(".weight") and (f"{module}.weight_scale" in tensors or f"{module}.scale" in tensors):
+            params = {p: tensors[f"{module}.{p}"] for p in LINEAR_PARAMS if f"{module}.{p}" in tensors}
+            sd[name] = recognise_tensors(params, module).decode(params)  # NVFP4, FP8 (block or per-tensor), MXFP4
         else:
             sd[name] = t.float() if t.is_floating_point() else t
     experts: dict[str, dict[tuple[int, str], torch.Tensor]] = {}
