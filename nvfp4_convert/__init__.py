@@ -8,7 +8,10 @@ Modules, one concern each (read them in this order):
 - ``checkpoint``      a source checkpoint on disk: index/shards, config, other files
 - ``naming``          transformers <-> native DeepSeek names
 - ``codecs``          pure numeric codecs: NVFP4 decode, FP8 ue8m0 block quantization, gate/up fold
-- ``inventory``       every source tensor classified into modules and roles (from dtypes/companions)
+- ``formats/``        one module per number format (NVFP4 16/32, FP8 block, FP8 per-tensor, MXFP4, dense):
+                      recognise, validate, logical shape, decode row bands, encode (output formats)
+- ``metrics``         error metrics of a decoded weight against a reference (below planning)
+- ``inventory``       every source tensor classified into modules and roles (formats recognise them)
 - ``model_shapes``    the tensors and shapes config.json implies; the source checked against them
 - ``policy``          precision presets: which output format each module gets
 - ``plan``            the full list of output tensors, their producers, shards, drops, ignored_layers

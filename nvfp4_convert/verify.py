@@ -355,7 +355,7 @@ def _compare(o: OutputTensor, got: TensorInfo, out_ckpt: Checkpoint, sample: int
         for a, b in _rows(got, sample):
             x = decode_rows(o.sources, a, b)
             s = read_rows(scale, a // FP8_BLOCK, -(-b // FP8_BLOCK))
-            back = dequantize_fp8_block(read_rows(got, a, b), s)
+            back = FP8_BLOCK_FORMAT.decode({"weight": read_rows(got, a, b), "scale": s})
             # e4m3 rounds to 2^-4 relative (normals), 2^-10 of the block's own scale absolute (subnormals)
             block_scale = dequantize_fp8_block(torch.ones_like(x).to(torch.float8_e4m3fn), s)
             ratio = (back - x).abs() / (x.abs() * 2**-4 + block_scale * 2**-10)

@@ -286,3 +286,21 @@ def test_in_memory_tensors_are_recognised_and_decoded_as_on_disk(tmp_path, case)
     fmt = formats.recognise_tensors(tensors)
     assert fmt is formats.recognise(_params(tmp_path, tensors))
     assert torch.equal(fmt.decode(tensors), _independent(case, tensors))
+
+
+def test_formats_and_metrics_sit_below_planning_and_converting_never_imports_the_verifier():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, nvfp4_convert.formats, nvfp4_convert.metrics; a = set(sys.modules); "
+        "import nvfp4_convert.graft; b = set(sys.modules); "
+        "import nvfp4_convert.convert; c = set(sys.modules); "
+        "print(sorted(m for m in a if m.startswith('nvfp4_convert.'))); "
+        "print('verify' in str(b), 'execute' in str(b), 'plan' in str(b), 'nvfp4_convert.verify' in c)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    below = eval(out[0])
+    assert not {"nvfp4_convert.inventory", "nvfp4_convert.plan", "nvfp4_convert.execute"} & set(below), below
+    assert not {"nvfp4_convert.verify", "nvfp4_convert.graft"} & set(below), below
+    assert out[1] == "False False False False"
