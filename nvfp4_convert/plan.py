@@ -131,6 +131,8 @@ def build_plan(inv: Inventory, policy: Policy, source: Path, *, shard_bytes: int
             _copy(plan, module.params[""], module.name, module.role)
         elif target == Target.NVFP4:
             _keep_nvfp4_expert(plan, module, experts, fixes)
+        elif target == Target.COPY and module.format == DENSE.name and not DENSE.in_output_form(module.params):
+            _convert(plan, module, "bf16")  # a float32 export's router: vLLM holds it in BF16 (GateLinear)
         elif target == Target.COPY or already_in_target(module, target):
             _copy_linear(plan, module)
         elif target == Target.BF16:
