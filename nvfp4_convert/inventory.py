@@ -105,6 +105,11 @@ class Module:
         return [t.name for t in self.params.values()]
 
 
+# ModelOpt's FP8 KV-cache calibration (``hf_ptq.py --kv_cache_qformat fp8``) writes a scalar ``k_scale`` / ``v_scale``
+# per layer on ``k_proj`` / ``v_proj``, modules DeepSeek-V4 does not have (tests/fixtures/recipes/nvfp4-kv-fp8).
+KV_CACHE_SCALE = re.compile(r"(model\.)?layers\.\d+\.self_attn\.(k_proj\.k|v_proj\.v)_scale")
+
+
 @dataclass
 class Inventory:
     """All modules of a source checkpoint, keyed by native name, plus tensors passed through unknown."""
@@ -112,6 +117,7 @@ class Inventory:
     naming: Naming
     modules: dict[str, Module]
     unknown: dict[str, TensorInfo] = field(default_factory=dict)  # native-ish name -> tensor
+    kv_cache_scales: dict[str, TensorInfo] = field(default_factory=dict)  # source name -> tensor (dropped)
 
     def linears(self, role: Role | None = None) -> list[Module]:
         return [m for m in self.modules.values() if m.format != "tensor" and (role is None or m.role == role)]
@@ -147,7 +153,11 @@ def build_inventory(ckpt: Checkpoint, *, pass_unknown: bool = False) -> Inventor
     grouped: dict[str, dict[str, TensorInfo]] = {}
     plain: dict[str, TensorInfo] = {}
     unknown: dict[str, TensorInfo] = {}
+    kv_scales: dict[str, TensorInfo] = {}
     for name, info in ckpt.tensors.items():
+        if KV_CACHE_SCALE.fullmatch(name):
+            kv_scales[name] = info
+            continue
         native = native_name(name, naming)
         if native is None:
             if not pass_unknown:
@@ -164,7 +174,7 @@ def build_inventory(ckpt: Checkpoint, *, pass_unknown: bool = False) -> Inventor
         modules[native] = Module(native, tensor_role(native), "tensor", {"": info})
     for module, params in grouped.items():
         modules[module] = _linear_module(module, params)
-    return Inventory(naming, dict(sorted(modules.items(), key=lambda kv: _sort_key(kv[0]))), unknown)
+    return Inventory(naming, dict(sorted(modules.items(), key=lambda kv: _sort_key(kv[0]))), unknown, kv_scales)
 
 
 def _sort_key(name: str) -> tuple:

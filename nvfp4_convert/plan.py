@@ -118,6 +118,10 @@ class Plan:
 
 
 _DROP_INPUT_SCALE = "activation scale of an NVFP4 linear; the FP8/BF16 output quantizes activations dynamically"
+_DROP_KV_CACHE_SCALE = (
+    "KV-cache scale of the source's FP8 KV-cache calibration, on k_proj/v_proj (modules DeepSeek-V4 does not have); "
+    "vLLM's DeepSeek-V4 keeps its own FP8 KV cache"
+)
 
 
 def build_plan(inv: Inventory, policy: Policy, source: Path, *, shard_bytes: int = DEFAULT_SHARD_BYTES) -> Plan:
@@ -150,6 +154,14 @@ def build_plan(inv: Inventory, policy: Policy, source: Path, *, shard_bytes: int
                 "unknown",
                 info.nbytes,
             )
+        )
+    for info in inv.kv_cache_scales.values():
+        plan.accounts.append(Account(info.name, "dropped", (), _DROP_KV_CACHE_SCALE, "kv_cache", info.nbytes))
+    if inv.kv_cache_scales:
+        plan.notes.append(
+            f"the source was calibrated with an FP8 KV cache ({len(inv.kv_cache_scales)} k_scale/v_scale tensors, "
+            "dropped): vLLM's DeepSeek-V4 keeps its own FP8 KV cache (fp8_ds_mla, --kv-cache-dtype fp8) whatever "
+            "the checkpoint says"
         )
     plan.ignored_layers = ignored_layers(inv, policy)
     if not any(m.name.startswith("mtp.") for m in inv.modules.values()):
@@ -343,9 +355,11 @@ def _check_accounting(inv: Inventory, plan: Plan) -> None:
     seen: dict[str, int] = {}
     for a in plan.accounts:
         seen[a.source] = seen.get(a.source, 0) + 1
-    expected = {t.name for m in inv.modules.values() for t in m.params.values()} | {
-        t.name for t in inv.unknown.values()
-    }
+    expected = (
+        {t.name for m in inv.modules.values() for t in m.params.values()}
+        | {t.name for t in inv.unknown.values()}
+        | {t.name for t in inv.kv_cache_scales.values()}
+    )
     missing = sorted(expected - seen.keys())
     twice = sorted(n for n, c in seen.items() if c > 1)
     if missing or twice:
