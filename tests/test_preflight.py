@@ -104,7 +104,7 @@ def test_the_block_spread_changes_the_quantized_weights_and_nothing_else():
     spread = tiny_model.random_model(dataclasses.replace(cpu, spread_binades=2.0))
     a, b = {**dict(plain.named_parameters()), **dict(plain.named_buffers())}, dict(spread.named_parameters())
     b |= dict(spread.named_buffers())
-    quantized = {n for n, p in plain.named_parameters() if tiny_model._quantized_weight(n, p)}
+    quantized = set(tiny_model.quantized_weights(plain))
     assert quantized and all(not torch.equal(a[n], b[n]) for n in quantized if a[n].shape[-1] > 128)
     assert all(torch.equal(a[n], b[n]) for n in a if n not in quantized)  # routing tables, norms, head: same draw
 

@@ -160,9 +160,9 @@ def _agreement(rows: list[tuple[torch.Tensor, list[int], list[int], list[float]]
     matches, deltas, per_prompt, gaps = 0, [], [], []
     for steps, top1, tokens, logprobs in rows:
         picked = torch.tensor(top1)
-        best = steps.max(-1).values
+        best, greedy = steps.max(-1)
         gap = best - steps.gather(1, picked[:, None])[:, 0]  # 0 where vLLM picked the reference's greedy token
-        same = steps.argmax(-1) == picked
+        same = greedy == picked
         matches += int(same.sum())
         per_prompt.append(int(same.sum()))
         gaps += [round(float(g), 6) for g in gap[~same]]

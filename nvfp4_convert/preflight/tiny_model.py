@@ -170,11 +170,12 @@ def _band_gains(n: int, spread: float, gen: torch.Generator) -> torch.Tensor:
     return (g / g.pow(2).mean().sqrt()).repeat_interleave(BAND)[:n]
 
 
-def _quantized_weight(name: str, p: torch.Tensor) -> bool:
-    """A weight ModelOpt's NVFP4 export quantizes: linears and routed experts, not the router or lm_head."""
-    if name.endswith((".mlp.gate.weight", "lm_head.weight")) or "embed" in name:
-        return False
-    return p.dim() >= 2 and (name.endswith("_proj.weight") or ".mlp.experts." in name)
+def quantized_weights(model) -> list[str]:
+    """Names of the parameters ModelOpt's NVFP4 export quantizes: every linear's weight but the routers' and
+    ``lm_head``'s, and the routed experts' fused weights (exported one module per expert)."""
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    linears -= {"lm_head"} | {n for n in linears if n.endswith(".mlp.gate")}
+    return [n for n, _ in model.named_parameters() if n.removesuffix(".weight") in linears or ".mlp.experts." in n]
 
 
 @torch.no_grad()
@@ -216,10 +217,10 @@ def random_model(size: Size, seed: int = 0):
     # wo_a's scales all set to 1.0 moved 3 of 48 tokens). Each 128-row and 128-column band of every linear the
     # export quantizes gets a gain 2^U(-s, s) (``Size.spread_binades``, mean square 1), so that neighbouring blocks differ.
     band_gen, spread = torch.Generator().manual_seed(seed + 2), size.spread_binades  # ``gen`` draws on below
-    for name, p in model.named_parameters():
-        if spread and _quantized_weight(name, p):
-            gains = _band_gains(p.shape[-2], spread, band_gen)[:, None] * _band_gains(p.shape[-1], spread, band_gen)
-            p.mul_(gains)
+    params = dict(model.named_parameters())
+    for name in quantized_weights(model) if spread else ():
+        p = params[name]
+        p.mul_(_band_gains(p.shape[-2], spread, band_gen)[:, None] * _band_gains(p.shape[-1], spread, band_gen))
     for name, b in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
             b.copy_(randn(b, 0.01))
@@ -276,8 +277,7 @@ def _nvfp4(tensors: dict[str, torch.Tensor], module: str, w: torch.Tensor, input
 def modelopt_tensors(model, input_amax: dict[str, float]) -> dict[str, torch.Tensor]:
     """The model's state dict as ModelOpt's NVFP4 export writes it (names, dtypes, per-expert modules)."""
     kept = type(model)._keep_in_fp32_modules_strict
-    quantized = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    quantized -= {"lm_head"} | {n for n in quantized if n.endswith(".mlp.gate")}
+    quantized = {n.removesuffix(".weight") for n in quantized_weights(model)}
     out: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
         module = name.removesuffix(".weight")
