@@ -11,7 +11,7 @@
 # CI) travels as a wheel beside the chunks: the image has 5.17.
 set -euo pipefail
 WORK=$(realpath -m "${1:-/work/gpu-bundle}")
-CHUNK=${CHUNK:-42M}
+CHUNK=${CHUNK:-30M}  # a call carries 64 MiB with the working tree, itself ~30 MiB
 rm -rf "$WORK/wheels" "$WORK/extra"  # never two versions of one package (the last unpacked would win)
 mkdir -p "$WORK/wheels" && cd "$WORK/wheels"
 PLAT=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64

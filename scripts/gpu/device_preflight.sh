@@ -6,7 +6,8 @@
 #   bash scripts/gpu/device_preflight.sh default-nvfp4=default:nvfp4 fault-swap=default:nvfp4:compressor_wkv_wgate_swapped \
 #        short=default:nvfp4:-:--prompt-lengths+1,4,16
 # Everything comes back in $OUT/<first run name>.tgz: per run its JSON, console output and vLLM's log (every
-# run of this machine so far). PARALLEL=1 starts every run at once, each with GPU_SHARE (0.2) of the GPU's memory.
+# run of this machine so far). Runs go one after another: four at once (each process builds the source with a torch
+# thread per core) spent a whole 600 s call without reaching vLLM.
 set -uo pipefail
 if [ ! -d /root/site/vllm ]; then  # unpacked into a temporary folder and renamed: a cut-short unpack is redone
   t0=$(date +%s)
@@ -30,7 +31,6 @@ run_one() {  # one NAME=POLICY:EXPERTS[:FAULT][:OPTIONS] spec
   local args=(--device cuda --policy "$policy" --experts "$experts" --workdir "/root/pf/$name" --json "$RES/$name.json")
   [ -n "${fault:-}" ] && [ "$fault" != "-" ] && args+=(--planted-fault "$fault")
   [ -n "${extra:-}" ] && IFS=+ read -r -a more <<<"$extra" && args+=("${more[@]}")
-  [ "${PARALLEL:-0}" = 1 ] && args+=(--gpu-memory-utilization "${GPU_SHARE:-0.2}")  # 4 at once fit one GPU
   t0=$(date +%s)
   python3 -m nvfp4_convert preflight "${args[@]}" >"$RES/$name.console.txt" 2>&1
   rc=$?
@@ -39,16 +39,4 @@ run_one() {  # one NAME=POLICY:EXPERTS[:FAULT][:OPTIONS] spec
   grep -E '^│ (decode|prefill)' "$RES/$name.console.txt"
 }
 
-if [ "${PARALLEL:-0}" = 1 ]; then
-  # All runs at once (a fresh machine pays the kernels' first compilation once, in parallel, instead of in the
-  # first run alone); results packed every 15 s.
-  pids=()
-  for spec in "$@"; do run_one "$spec" & pids+=($!); done
-  for pid in "${pids[@]}"; do
-    while kill -0 "$pid" 2>/dev/null; do sleep 15; pack; done
-  done
-  wait
-  pack
-else
-  for spec in "$@"; do run_one "$spec"; pack; done
-fi
+for spec in "$@"; do run_one "$spec"; pack; done
