@@ -23,7 +23,7 @@ from . import direct_io, formats, model_shapes
 from .checkpoint import INDEX_NAME, Checkpoint
 from .config_emit import hf_quant_config, vllm_config
 from .errors import ConvertError
-from .execute import Progress, ShardResult, write_shards
+from .execute import PHASES, Progress, ShardResult, write_shards
 from .formats import nvfp4 as nvfp4_format
 from .graft import REPLACED_REASON, Graft, graft, graft_errors
 from .inventory import Inventory, build_inventory, source_format
@@ -261,8 +261,12 @@ def _run_locked(
             check_readable(dst / res.file, names[res.file])  # read back by safetensors before it is journalled
             state.record(res.file, res.size, digests[res.file])
 
+        cached = cached_sources(plan) if direct and io == "auto" else frozenset()
+        t_start = time.monotonic()
         try:
-            write_shards(todo, dst, workers=workers, direct=direct, progress=progress, on_done=on_done)
+            results = write_shards(
+                todo, dst, workers=workers, direct=direct, cached=cached, progress=progress, on_done=on_done
+            )
         except OSError as e:
             raise ConvertError(f"write failed: {e.strerror or e}; free space and rerun with --resume", file=dst) from e
         t_shards = time.monotonic() - t0
@@ -271,10 +275,17 @@ def _run_locked(
             "seconds": round(time.monotonic() - t0, 3),
             "shards_seconds": round(t_shards, 3),
             "io": "direct" if direct else "buffered",
+            "reads_through_page_cache": sorted(p.name for p in cached),
+            "phases": {
+                "prepare": round(t_start - t0, 3),
+                **{k: round(sum(r.seconds.get(k, 0.0) for r in results), 3) for k in PHASES if k != "wall"},
+                "shards": round(t_shards - (t_start - t0), 3),
+            },
         }
-        report = report_dict(plan, dst=str(dst), timing=timing, graft_errors=errors)
         try:
             _write_metadata(prep, dst)
+            timing["phases"]["metadata"] = round(time.monotonic() - t0 - t_shards, 3)
+            report = report_dict(plan, dst=str(dst), timing=timing, graft_errors=errors)
             write_file_atomic(dst / REPORT_TEXT, render_text(plan, graft_errors=errors).encode())
             write_file_atomic(dst / REPORT_JSON, json.dumps(report, indent=1).encode())
         except OSError as e:  # the shards are journalled: a rerun with --resume writes only what is missing
@@ -308,6 +319,16 @@ def use_direct_io(io: str, directory: Path, plan: Plan) -> bool:
     if io == "direct" and why:
         raise ConvertError(f"O_DIRECT refused ({why}); use --io buffered", file=directory.parent)
     return why is None
+
+
+CACHED_ENOUGH = 0.5  # share of a source file's pages in the page cache from which --io auto reads it from there
+
+
+def cached_sources(plan: Plan) -> frozenset[Path]:
+    """The source files that copies read and that are mostly in the page cache already (``mincore``):
+    read from memory, not again from the disk with ``O_DIRECT`` (ModelOpt has just written them, say)."""
+    files = {o.sources[0].file for o in plan.outputs if o.op == "copy"}
+    return frozenset(f for f in files if direct_io.cached_fraction(f) >= CACHED_ENOUGH)
 
 
 def _already_written(dst: Path, plan: Plan) -> int:

@@ -18,19 +18,28 @@ Contract:
   ``[start, start + nbytes)`` of a file, read with ``O_DIRECT`` in aligned chunks of ``CHUNK``
   into a reusable page-aligned buffer of the calling thread. A view is valid only until the next
   one is produced, and a thread reads one range at a time.
+- ``ReadAhead(ranges)`` reads a list of ranges, of any number of files, in order on a background
+  thread, one ``CHUNK`` ahead of its consumer: the disk keeps reading while the consumer writes,
+  across range and file boundaries. Files in ``cached`` are read through the page cache (they are
+  there: a copy from memory), the others with ``O_DIRECT``; the bytes are the same.
+- ``cached_fraction(path)`` is the share of a file's pages in the page cache (``mincore``).
 - ``refusal(directory, sample)`` says why a filesystem refuses ``O_DIRECT`` (None: it accepts it).
 
-Memory: one read buffer and one staging buffer of ``CHUNK`` bytes per thread that uses them, plus
-one ``BLOCK`` per incomplete block.
+Memory: one read buffer and one staging buffer of ``CHUNK`` bytes per thread that uses them, two
+per ``ReadAhead``, plus one ``BLOCK`` per incomplete block.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
+import queue
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 BLOCK = 4096  # file-offset and length alignment: the page size, so no page is shared by two writes
@@ -67,6 +76,7 @@ class DirectFile:
         self._lock = threading.Lock()
         self._written = 0  # bytes handed to pwrite (each byte exactly once): must reach ``size``
         self._block = memoryview(mmap.mmap(-1, BLOCK))  # aligned copy of one assembled block
+        self.write_seconds = 0.0  # in pwrite calls, summed over the threads writing
         path.unlink(missing_ok=True)  # never open (and truncate) what a stale name leads to
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_DIRECT, 0o644)
 
@@ -86,10 +96,13 @@ class DirectFile:
         if hi < end:
             self._merge(data[hi - offset :], hi)
         stage = _thread_buffer("stage")
+        t = time.perf_counter()
         for pos in range(lo, hi, CHUNK):
             n = min(CHUNK, hi - pos)
             stage[:n] = data[pos - offset : pos - offset + n]
             _write_all(self.fd, stage[:n], pos)
+        with self._lock:
+            self.write_seconds += time.perf_counter() - t
 
     def _merge(self, data: memoryview, offset: int) -> None:
         end = offset + len(data)
@@ -147,6 +160,138 @@ def read_chunks(path: Path, start: int, nbytes: int) -> Iterator[tuple[int, memo
     finally:
         _local.reading = False
         os.close(fd)
+
+
+@dataclass(frozen=True)
+class Range:
+    """``nbytes`` bytes of ``path`` from ``start``."""
+
+    path: Path
+    start: int
+    nbytes: int
+
+
+class ReadAhead:
+    """Read ``ranges`` in order on a background thread, one ``CHUNK`` ahead (see module doc).
+
+    ``chunks(i)`` yields ``(offset, view)`` pieces covering range ``i``; ranges are taken in order,
+    each whole, and a view is valid until the next piece is asked for. ``read_seconds`` is the
+    time the thread spent in reads. Use as a context manager: leaving it stops the thread.
+    """
+
+    def __init__(self, ranges: Sequence[Range], *, cached: frozenset[Path] = frozenset(), depth: int = 2) -> None:
+        self.ranges = list(ranges)
+        self.cached = cached
+        self.read_seconds = 0.0
+        self._free: queue.Queue[memoryview | None] = queue.Queue()
+        for _ in range(depth):
+            self._free.put(memoryview(mmap.mmap(-1, CHUNK)))
+        self._full: queue.Queue[tuple[int, memoryview, int, int] | BaseException | None] = queue.Queue()
+        self._next = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._read_all, name="read-ahead", daemon=True)
+        self._thread.start()
+
+    def _read_all(self) -> None:
+        try:
+            for r in self.ranges:
+                flags = os.O_RDONLY | (0 if r.path in self.cached else os.O_DIRECT)
+                fd = os.open(r.path, flags)
+                try:
+                    pos, end = r.start, r.start + r.nbytes
+                    while pos < end:
+                        buf = self._free.get()
+                        if buf is None or self._stop:
+                            return
+                        a0 = pos - pos % BLOCK
+                        a1 = min(-(-end // BLOCK) * BLOCK, a0 + CHUNK)
+                        t = time.perf_counter()
+                        got = os.preadv(fd, [buf[: a1 - a0]], a0)
+                        self.read_seconds += time.perf_counter() - t
+                        n = min(end, a0 + got) - pos
+                        if n <= 0:
+                            raise OSError(errno.EIO, f"{r.path.name} ended at byte {a0 + got}, before {end}")
+                        self._full.put((pos, buf, pos - a0, n))
+                        pos += n
+                finally:
+                    os.close(fd)
+        except BaseException as e:  # handed to the consumer, raised there
+            self._full.put(e)
+
+    def chunks(self, i: int) -> Iterator[tuple[int, memoryview]]:
+        if i != self._next:
+            raise RuntimeError(f"ReadAhead: range {i} asked for, range {self._next} is next")
+        self._next += 1
+        r = self.ranges[i]
+        pos, end = r.start, r.start + r.nbytes
+        while pos < end:
+            item = self._full.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is None:
+                raise RuntimeError("ReadAhead stopped")
+            got, buf, lo, n = item
+            if got != pos:
+                raise RuntimeError(f"ReadAhead: byte {got} read, byte {pos} expected")
+            try:
+                yield pos, buf[lo : lo + n]
+            finally:
+                self._free.put(buf)
+            pos += n
+
+    def close(self) -> None:
+        self._stop = True
+        self._free.put(None)  # wakes the thread if it waits for a buffer
+        self._thread.join()
+
+    def __enter__(self) -> ReadAhead:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+_PROT_READ, _MAP_SHARED = 1, 1
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    return libc
+
+
+def cached_fraction(path: Path) -> float:
+    """The share of ``path``'s pages that are in the page cache (``mincore`` on a read-only
+    mapping: nothing is read). 0.0 where it cannot be told (an empty file, no ``mincore``)."""
+    size = path.stat().st_size
+    if size == 0:
+        return 0.0
+    try:
+        libc = _libc()
+    except (OSError, AttributeError):
+        return 0.0
+    page = mmap.PAGESIZE
+    window = 1 << 30  # mapped a GiB at a time
+    vec = (ctypes.c_ubyte * (window // page))()
+    resident = 0
+    with open(path, "rb") as f:
+        for off in range(0, size, window):
+            n = min(window, size - off)
+            addr = libc.mmap(None, n, _PROT_READ, _MAP_SHARED, f.fileno(), off)
+            if addr in (None, _MAP_FAILED):
+                return 0.0
+            try:
+                if libc.mincore(addr, n, vec) != 0:
+                    return 0.0
+                pages = -(-n // page)
+                resident += sum(b & 1 for b in bytes(vec)[:pages])
+            finally:
+                libc.munmap(addr, n)
+    return resident / -(-size // page)
 
 
 def refusal(directory: Path, sample: Path | None = None) -> str | None:

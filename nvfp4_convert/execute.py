@@ -20,9 +20,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from .codecs import FP8_BLOCK, fold_block_scales
+from .direct_io import Range, ReadAhead
 from .errors import ConvertError
 from .formats import DENSE, FP8_BLOCK_FORMAT, decode_rows, of_sources
 from .formats.nvfp4 import check_block_scales, check_e4m3_codes, is_block_scale
@@ -43,8 +45,16 @@ Progress = Callable[[int, int], None]  # (bytes written, tensors written) since 
 
 @dataclass(frozen=True)
 class ShardResult:
+    """A finished shard; ``seconds``: where its time went (``PHASES``, thread-seconds: the phases overlap)."""
+
     file: str
     size: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+# read: source bytes copied (read-ahead thread); write: bytes into the shard (all threads);
+# convert: the conversion thread, its reads included; fsync: commit; wall: the shard, start to rename
+PHASES = ("read", "write", "convert", "fsync", "wall")
 
 
 def band_rows(cols: int, multiple: int = FP8_BLOCK) -> int:
@@ -130,8 +140,14 @@ def copy_runs(outputs: list[OutputTensor]) -> list[list[OutputTensor]]:
     return runs
 
 
-def copy_run(run: list[OutputTensor], writer: ShardWriter, progress: Progress | None = None) -> None:
-    """Copy one run's source bytes unchanged, checking the NVFP4 block scales among them."""
+def copy_run(
+    run: list[OutputTensor],
+    writer: ShardWriter,
+    progress: Progress | None = None,
+    chunks: Iterator[tuple[int, memoryview]] | None = None,
+) -> None:
+    """Copy one run's source bytes unchanged (``chunks``: already being read, see ``ReadAhead``),
+    checking the NVFP4 block scales among them."""
     sources = [o.sources[0] for o in run]
     ends = [s.end - sources[0].start for s in sources]  # where each tensor ends, from the run's start
     done = [0, 0]  # bytes, tensors
@@ -146,33 +162,55 @@ def copy_run(run: list[OutputTensor], writer: ShardWriter, progress: Progress | 
 
     check = ScaleCheck(sources)
     inspect = check if check.scales else None
-    writer.copy_run([o.name for o in run], sources[0].file, sources[0].start, inspect=inspect, progress=advance)
+    writer.copy_run(
+        [o.name for o in run], sources[0].file, sources[0].start, inspect=inspect, progress=advance, chunks=chunks
+    )
     if progress and done[1] < len(run):  # zero-byte tensors at the end of the run
         progress(0, len(run) - done[1])
 
 
-def write_shard(shard: Shard, dst: Path, progress: Progress | None = None, *, direct: bool = False) -> ShardResult:
+def write_shard(
+    shard: Shard,
+    dst: Path,
+    progress: Progress | None = None,
+    *,
+    direct: bool = False,
+    cached: frozenset[Path] = frozenset(),
+) -> ShardResult:
     """Write one shard atomically; report progress per chunk and tensor.
 
     Passthrough copies (kernel work) and conversions (torch work) run in two threads, each at its
     tensors' own offsets in the file: the conversion of a layer's attention overlaps the copy of
     its experts. Both release the GIL; the bytes are the same whatever the timing, and whether
-    the file is written with ``O_DIRECT`` (``direct``) or through the page cache.
+    the file is written with ``O_DIRECT`` (``direct``) or through the page cache. With ``direct``,
+    a read-ahead thread reads the copied bytes of the whole shard in order, across source files,
+    while they are written: through the page cache for the files in ``cached``, else ``O_DIRECT``.
     """
+    t0 = time.perf_counter()
     final = dst / shard.file
     runs = copy_runs(shard.outputs)
     computed = [o for o in shard.outputs if o.op != "copy"]
+    seconds = dict.fromkeys(PHASES, 0.0)
 
     def convert_all(writer: ShardWriter) -> None:
+        t = time.perf_counter()
         scales: dict[str, list[torch.Tensor]] = {}
         for out in computed:
             produce(out, writer.sink(out.name), scales)
             if progress:
                 progress(out.nbytes, 1)
+        seconds["convert"] = time.perf_counter() - t
 
     def copy_all(writer: ShardWriter) -> None:
-        for run in runs:
-            copy_run(run, writer, progress)
+        if not direct:
+            for run in runs:
+                copy_run(run, writer, progress)
+            return
+        ranges = [Range(r[0].sources[0].file, r[0].sources[0].start, sum(o.sources[0].nbytes for o in r)) for r in runs]
+        with ReadAhead(ranges, cached=cached) as ahead:
+            for i, run in enumerate(runs):
+                copy_run(run, writer, progress, ahead.chunks(i))
+        seconds["read"] = ahead.read_seconds
 
     try:
         with ShardWriter(final, shard.entries, direct=direct) as writer:
@@ -189,10 +227,13 @@ def write_shard(shard: Shard, dst: Path, progress: Progress | None = None, *, di
                 copy_all(writer)
                 convert_all(writer)
             writer.commit()
+            seconds["fsync"] = writer.fsync_seconds
+            seconds["write"] = writer.direct.write_seconds if writer.direct else 0.0
     except OSError as e:
         hint = "; free space and rerun with --resume" if e.errno == errno.ENOSPC else ""
         raise ConvertError(f"cannot write: {e.strerror or e}{hint}", file=final) from e
-    return ShardResult(shard.file, final.stat().st_size)
+    seconds["wall"] = time.perf_counter() - t0
+    return ShardResult(shard.file, final.stat().st_size, {k: round(v, 3) for k, v in seconds.items()})
 
 
 # --- parallel execution -------------------------------------------------------------------------
@@ -226,8 +267,8 @@ def _worker_progress(nbytes: int, ntensors: int) -> None:
     _queue.put((nbytes, ntensors))  # type: ignore[attr-defined]
 
 
-def _write_shard_in_worker(shard: Shard, dst: Path, *, direct: bool) -> ShardResult:
-    return write_shard(shard, dst, _worker_progress if _queue is not None else None, direct=direct)
+def _write_shard_in_worker(shard: Shard, dst: Path, *, direct: bool, cached: frozenset[Path]) -> ShardResult:
+    return write_shard(shard, dst, _worker_progress if _queue is not None else None, direct=direct, cached=cached)
 
 
 def write_shards(
@@ -236,16 +277,18 @@ def write_shards(
     *,
     workers: int = 1,
     direct: bool = False,
+    cached: frozenset[Path] = frozenset(),
     progress: Progress | None = None,
     on_done: Callable[[ShardResult], None] | None = None,
 ) -> list[ShardResult]:
     """Write ``shards`` with ``workers`` processes (1 = in this process); ``on_done`` per finished
-    shard; ``direct``: with ``O_DIRECT`` (see ``direct_io``)."""
+    shard; ``direct``: with ``O_DIRECT`` (see ``direct_io``), reading the source files in
+    ``cached`` through the page cache."""
     results: list[ShardResult] = []
     pin_mmap_threshold()
     if workers <= 1 or len(shards) <= 1:
         for shard in shards:
-            res = write_shard(shard, dst, progress, direct=direct)
+            res = write_shard(shard, dst, progress, direct=direct, cached=cached)
             results.append(res)
             if on_done:
                 on_done(res)
@@ -253,7 +296,7 @@ def write_shards(
     ctx = get_context("spawn")
     queue = ctx.Manager().Queue() if progress else None
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
-        pending = {pool.submit(_write_shard_in_worker, s, dst, direct=direct) for s in shards}
+        pending = {pool.submit(_write_shard_in_worker, s, dst, direct=direct, cached=cached) for s in shards}
         while pending:
             done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
             _drain(queue, progress)

@@ -20,6 +20,7 @@ import math
 import mmap
 import os
 import struct
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,6 +221,7 @@ class ShardWriter:
             pos += e.nbytes
         self.size = pos
         self.written: dict[str, int] = dict.fromkeys(self.entries, 0)
+        self.fsync_seconds = 0.0
         self.direct = DirectFile(self.partial, self.size) if direct else None
         self.fd = self.direct.fd if self.direct else create_new(self.partial)
         self.pwrite(memoryview(header), 0)
@@ -262,11 +264,13 @@ class ShardWriter:
         *,
         inspect: Callable[[int, memoryview], None] | None = None,
         progress: Callable[[int], None] | None = None,
+        chunks: Iterable[tuple[int, memoryview]] | None = None,
     ) -> None:
         """Fill the consecutive tensors ``names`` (whole) with the bytes of ``src`` from ``start``.
 
         ``inspect(offset, view)`` sees every source byte (in chunks, at its offset in ``src``)
-        before it is written; ``progress(nbytes)`` is called after each chunk is written.
+        before it is written; ``progress(nbytes)`` is called after each chunk is written. With
+        ``direct``, ``chunks`` may supply those bytes already read (``direct_io.ReadAhead``).
         """
         offset = self.offsets[names[0]] if names else 0
         nbytes = 0
@@ -276,7 +280,7 @@ class ShardWriter:
             nbytes += self.entries[name].nbytes
         shift = offset - start
         if self.direct:
-            for pos, view in read_chunks(src, start, nbytes):
+            for pos, view in chunks if chunks is not None else read_chunks(src, start, nbytes):
                 if inspect:
                     inspect(pos, view)
                 self.direct.pwrite(view, pos + shift)
@@ -296,11 +300,12 @@ class ShardWriter:
                     progress(n)
 
     def commit(self) -> None:
-        """Check completeness, fsync, rename into place and fsync the directory."""
+        """Check completeness, fsync, rename into place and fsync the directory (``fsync_seconds``)."""
         missing = [n for n, e in self.entries.items() if self.written[n] != e.nbytes]
         if missing:
             self.abort()
             raise ConvertError("shard incomplete at commit", file=self.final, tensor=missing[0])
+        t = time.perf_counter()
         if self.direct:
             self.direct.finish()
         else:
@@ -309,6 +314,7 @@ class ShardWriter:
         self.fd = -1
         os.replace(self.partial, self.final)
         fsync_dir(self.final.parent)
+        self.fsync_seconds = time.perf_counter() - t
 
     def abort(self) -> None:
         if self.fd >= 0:

@@ -5,13 +5,14 @@ file's bytes. The oracle is plain Python ``bytes`` slicing and buffered reads of
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import threading
 
 import pytest
 
 from nvfp4_convert import direct_io
-from nvfp4_convert.direct_io import BLOCK, DirectFile, read_chunks
+from nvfp4_convert.direct_io import BLOCK, DirectFile, Range, ReadAhead, read_chunks
 
 
 @pytest.fixture(autouse=True)
@@ -136,3 +137,64 @@ def test_a_filesystem_that_opens_but_refuses_direct_writes_is_refused_and_cleane
     monkeypatch.setattr(os, "pwrite", einval)
     assert direct_io.refusal(tmp_path) == f"{tmp_path}: Invalid argument"
     assert list(tmp_path.iterdir()) == []
+
+
+def _files(tmp_path, sizes: list[int]) -> dict:
+    rng = random.Random(2)
+    out = {}
+    for i, size in enumerate(sizes):
+        path = tmp_path / f"src{i}.bin"
+        path.write_bytes(rng.randbytes(size))
+        out[path] = path.read_bytes()
+    return out
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_read_ahead_gives_every_range_of_every_file_in_order(tmp_path, monkeypatch, cached):
+    monkeypatch.setattr(direct_io, "CHUNK", 2 * BLOCK)  # many chunks per range
+    files = _files(tmp_path, [30_001, 9_000, 4 * BLOCK])
+    a, b, c = files
+    ranges = [Range(a, 0, 30_001), Range(b, 17, 0), Range(b, 5, 8_000), Range(c, BLOCK - 1, 2 * BLOCK), Range(a, 7, 3)]
+    with ReadAhead(ranges, cached=frozenset(files) if cached else frozenset()) as ahead:
+        for i, r in enumerate(ranges):
+            got = bytearray()
+            for offset, view in ahead.chunks(i):
+                assert offset == r.start + len(got)
+                got += view
+            assert bytes(got) == files[r.path][r.start : r.start + r.nbytes]
+    assert ahead.read_seconds > 0
+
+
+def test_read_ahead_takes_ranges_in_order_only(tmp_path):
+    (a,) = _files(tmp_path, [100])
+    with ReadAhead([Range(a, 0, 10), Range(a, 10, 10)]) as ahead, pytest.raises(RuntimeError, match="range 0 is next"):
+        list(ahead.chunks(1))
+
+
+def test_read_ahead_hands_a_read_error_to_the_consumer(tmp_path):
+    (a,) = _files(tmp_path, [100])
+    with ReadAhead([Range(a, 50, 100)]) as ahead, pytest.raises(OSError, match="ended at byte 100"):
+        list(ahead.chunks(0))
+
+
+def test_read_ahead_stops_when_its_consumer_gives_up(tmp_path, monkeypatch):
+    monkeypatch.setattr(direct_io, "CHUNK", BLOCK)
+    (a,) = _files(tmp_path, [64 * BLOCK])
+    ahead = ReadAhead([Range(a, 0, 64 * BLOCK)])
+    next(iter(ahead.chunks(0)))  # one piece taken; the thread waits for a free buffer
+    ahead.close()
+    assert not ahead._thread.is_alive()
+
+
+def test_cached_fraction_tells_pages_in_memory_from_pages_on_disk(tmp_path):
+    (a,) = _files(tmp_path, [1 << 20])  # written and read back: in the page cache
+    assert direct_io.cached_fraction(a) == 1.0
+    fd = os.open(a, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # clean pages can be dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert direct_io.cached_fraction(a) < 0.5
+    (tmp_path / "empty").write_bytes(b"")
+    assert direct_io.cached_fraction(tmp_path / "empty") == 0.0

@@ -38,12 +38,23 @@ def test_direct_and_buffered_io_write_the_same_bytes(tmp_path, monkeypatch, poli
 
     monkeypatch.setattr(direct_io, "CHUNK", 2 * direct_io.BLOCK)  # many chunks, many shared blocks
     monkeypatch.setattr(direct_io, "_local", threading.local())
-    direct, buffered = tmp_path / "direct", tmp_path / "buffered"
+    direct, buffered, cached = tmp_path / "direct", tmp_path / "buffered", tmp_path / "cached"
     report = run(REPO_FIXTURE, direct, Policy(policy), shard_bytes=200_000, io="direct")
-    assert report["timing"]["io"] == "direct"
+    assert report["timing"]["io"] == "direct" and report["timing"]["reads_through_page_cache"] == []
     assert run(REPO_FIXTURE, buffered, Policy(policy), shard_bytes=200_000, io="buffered")["timing"]["io"] == "buffered"
+    # auto, with the source in the page cache (the tests just read it): copies read from memory, written O_DIRECT
+    report = run(REPO_FIXTURE, cached, Policy(policy), shard_bytes=200_000, io="auto")
+    assert report["timing"]["io"] == "direct" and len(report["timing"]["reads_through_page_cache"]) == 3
     assert len(_shard_digests(direct)) > 3
-    assert _shard_digests(direct) == _shard_digests(buffered)
+    assert _shard_digests(direct) == _shard_digests(buffered) == _shard_digests(cached)
+
+
+def test_the_report_says_where_the_time_went(tmp_path):
+    timing = run(REPO_FIXTURE, tmp_path / "dst", Policy("default"), shard_bytes=200_000, io="direct")["timing"]
+    phases = timing["phases"]
+    assert set(phases) == {"prepare", "read", "write", "convert", "fsync", "shards", "metadata"}
+    assert all(v >= 0 for v in phases.values()) and phases["read"] > 0 and phases["convert"] > 0
+    assert phases["prepare"] + phases["shards"] <= timing["shards_seconds"] + 0.01
 
 
 def test_copies_back_to_back_in_the_source_form_one_run():
