@@ -321,14 +321,11 @@ def use_direct_io(io: str, directory: Path, plan: Plan) -> bool:
     return why is None
 
 
-CACHED_ENOUGH = 0.5  # share of a source file's pages in the page cache from which --io auto reads it from there
-
-
 def cached_sources(plan: Plan) -> frozenset[Path]:
     """The source files that copies read and that are mostly in the page cache already (``mincore``):
     read from memory, not again from the disk with ``O_DIRECT`` (ModelOpt has just written them, say)."""
     files = {o.sources[0].file for o in plan.outputs if o.op == "copy"}
-    return frozenset(f for f in files if direct_io.cached_fraction(f) >= CACHED_ENOUGH)
+    return frozenset(f for f in files if direct_io.cached_fraction(f) >= direct_io.CACHED_ENOUGH)
 
 
 def _already_written(dst: Path, plan: Plan) -> int:

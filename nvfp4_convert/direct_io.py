@@ -22,6 +22,8 @@ Contract:
   thread, one ``CHUNK`` ahead of its consumer: the disk keeps reading while the consumer writes,
   across range and file boundaries. Files in ``cached`` are read through the page cache (they are
   there: a copy from memory), the others with ``O_DIRECT``; the bytes are the same.
+- ``differences(left, right)`` compares two lists of equally long ranges, both read ahead at once
+  (two threads), and yields where they differ: ``verify``'s byte comparison at the disk's speed.
 - ``cached_fraction(path)`` is the share of a file's pages in the page cache (``mincore``).
 - ``refusal(directory, sample)`` says why a filesystem refuses ``O_DIRECT`` (None: it accepts it).
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import mmap
 import os
 import queue
@@ -42,8 +45,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 BLOCK = 4096  # file-offset and length alignment: the page size, so no page is shared by two writes
 CHUNK = 64 * 1024 * 1024  # bytes per direct read or write: large sequential requests
+CACHED_ENOUGH = 0.5  # share of a file's pages in the page cache from which it is read from there
 
 _local = threading.local()
 
@@ -251,16 +257,60 @@ class ReadAhead:
         self.close()
 
 
+def differences(
+    left: Sequence[Range], right: Sequence[Range], *, cached: frozenset[Path] = frozenset()
+) -> Iterator[tuple[int, np.ndarray]]:
+    """``(i, offsets)`` for each piece where range ``i`` of ``left`` and of ``right`` differ: the
+    offsets (from the range's start) of the differing bytes. Both sides are read ahead at once."""
+    if [r.nbytes for r in left] != [r.nbytes for r in right]:
+        raise ValueError("differences: ranges of different lengths")
+    with ReadAhead(left, cached=cached) as a, ReadAhead(right, cached=cached) as b:
+        for i, r in enumerate(left):
+            xs, ys = a.chunks(i), b.chunks(i)
+            x = y = memoryview(b"")
+            done = 0
+            while done < r.nbytes:
+                if not x:
+                    x = next(xs)[1]
+                if not y:
+                    y = next(ys)[1]
+                n = min(len(x), len(y))
+                if not _same(x[:n], y[:n]):
+                    differ = np.frombuffer(x[:n], np.uint8) != np.frombuffer(y[:n], np.uint8)
+                    yield i, np.flatnonzero(differ) + done
+                x, y, done = x[n:], y[n:], done + n
+            for _ in xs:  # exhausted: hands the last buffers back
+                pass
+            for _ in ys:
+                pass
+
+
+def _same(x: memoryview, y: memoryview) -> bool:
+    """Equal bytes (libc ``memcmp`` on the buffers, ~10x faster than comparing memoryviews)."""
+    if x.readonly or y.readonly or not x:
+        return x == y
+    libc = _libc()
+    return (
+        libc.memcmp(
+            ctypes.addressof(ctypes.c_char.from_buffer(x)), ctypes.addressof(ctypes.c_char.from_buffer(y)), len(x)
+        )
+        == 0
+    )
+
+
 _PROT_READ, _MAP_SHARED = 1, 1
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
     libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
     libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    libc.memcmp.restype = ctypes.c_int
+    libc.memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
     return libc
 
 
@@ -292,6 +342,16 @@ def cached_fraction(path: Path) -> float:
             finally:
                 libc.munmap(addr, n)
     return resident / -(-size // page)
+
+
+def reads_direct(path: Path) -> bool:
+    """Whether ``path`` can be read with ``O_DIRECT`` (one block read; nothing written)."""
+    try:
+        for _ in read_chunks(path, 0, min(BLOCK, path.stat().st_size)):
+            pass
+        return True
+    except OSError:
+        return False
 
 
 def refusal(directory: Path, sample: Path | None = None) -> str | None:

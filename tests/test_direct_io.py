@@ -198,3 +198,21 @@ def test_cached_fraction_tells_pages_in_memory_from_pages_on_disk(tmp_path):
     assert direct_io.cached_fraction(a) < 0.5
     (tmp_path / "empty").write_bytes(b"")
     assert direct_io.cached_fraction(tmp_path / "empty") == 0.0
+
+
+def test_differences_finds_every_differing_byte_whatever_the_alignment_of_either_side(tmp_path, monkeypatch):
+    monkeypatch.setattr(direct_io, "CHUNK", 2 * BLOCK)  # pieces of the two sides end at different places
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    data = random.Random(3).randbytes(50_000)
+    a.write_bytes(data)
+    changed = bytearray(bytes(777) + data)  # the same bytes, 777 further on
+    for k in (0, 2 * BLOCK - 1, 2 * BLOCK, 30_000, 49_999):
+        changed[777 + k] ^= 0xFF
+    b.write_bytes(bytes(changed))
+    left = [Range(a, 0, 20_000), Range(a, 20_000, 30_000)]
+    right = [Range(b, 777, 20_000), Range(b, 20_777, 30_000)]
+    found = {(i, int(x)) for i, offsets in direct_io.differences(left, right) for x in offsets}
+    assert found == {(0, 0), (0, 2 * BLOCK - 1), (0, 2 * BLOCK), (1, 10_000), (1, 29_999)}
+    assert list(direct_io.differences(left, left)) == []
+    with pytest.raises(ValueError, match="different lengths"):
+        list(direct_io.differences(left, right[:1]))

@@ -124,6 +124,15 @@ FAULTS: dict[str, tuple[Callable | None, Callable | None, str]] = {
         None,
         "layers.0.attn.wo_a",
     ),
+    "one byte of a copied NVFP4 expert changed": (
+        lambda t: (
+            t["layers.1.ffn.experts.3.w2.weight"]
+            .view(-1)
+            .__setitem__(-1, t["layers.1.ffn.experts.3.w2.weight"].view(-1)[-1] ^ 1)
+        ),
+        None,
+        "layers.1.ffn.experts.3.w2.weight",
+    ),
     "layer missing from ignored_layers": (
         None,
         lambda c: c["quantization_config"]["ignored_layers"].remove("layers.1.attn.wq_b"),
@@ -194,3 +203,16 @@ def test_reference_comparison_fails_a_garbage_weight(tmp_path, good):
     )
     result = verify(bad, reference=REF)
     assert any(not f["ok"] and f["tensor"] == "layers.0.attn.wq_a" for f in result["findings"])
+
+
+def test_copies_are_compared_byte_for_byte_and_only_the_changed_tensor_fails(tmp_path, good):
+    """The copies are compared in long runs of back-to-back tensors; a difference names its own tensor only."""
+    changed = "layers.2.ffn.experts.1.w1.weight_scale"
+
+    def change(t):
+        flat = t[changed].view(torch.uint8).view(-1)
+        flat[0] ^= 1  # the first byte: right after the tensor before it in the run
+
+    bad = plant(good, tmp_path / "bad", change)
+    failed = {f["tensor"] for f in verify(bad, source=REPO_FIXTURE)["findings"] if not f["ok"]}
+    assert failed == {changed}
