@@ -185,13 +185,21 @@ class ReadAhead:
     time the thread spent in reads. Use as a context manager: leaving it stops the thread.
     """
 
-    def __init__(self, ranges: Sequence[Range], *, cached: frozenset[Path] = frozenset(), depth: int = 2) -> None:
+    def __init__(
+        self,
+        ranges: Sequence[Range],
+        *,
+        cached: frozenset[Path] = frozenset(),
+        depth: int = 2,
+        chunk: int | None = None,
+    ) -> None:
         self.ranges = list(ranges)
         self.cached = cached
         self.read_seconds = 0.0
+        self.chunk = chunk or CHUNK  # bytes per read, a multiple of BLOCK
         self._free: queue.Queue[memoryview | None] = queue.Queue()
         for _ in range(depth):
-            self._free.put(memoryview(mmap.mmap(-1, CHUNK)))
+            self._free.put(memoryview(mmap.mmap(-1, self.chunk)))
         self._full: queue.Queue[tuple[int, memoryview, int, int] | BaseException | None] = queue.Queue()
         self._next = 0
         self._stop = False
@@ -210,7 +218,7 @@ class ReadAhead:
                         if buf is None or self._stop:
                             return
                         a0 = pos - pos % BLOCK
-                        a1 = min(-(-end // BLOCK) * BLOCK, a0 + CHUNK)
+                        a1 = min(-(-end // BLOCK) * BLOCK, a0 + self.chunk)
                         t = time.perf_counter()
                         got = os.preadv(fd, [buf[: a1 - a0]], a0)
                         self.read_seconds += time.perf_counter() - t
@@ -264,7 +272,8 @@ def differences(
     offsets (from the range's start) of the differing bytes. Both sides are read ahead at once."""
     if [r.nbytes for r in left] != [r.nbytes for r in right]:
         raise ValueError("differences: ranges of different lengths")
-    with ReadAhead(left, cached=cached) as a, ReadAhead(right, cached=cached) as b:
+    chunk = max(BLOCK, CHUNK // 2)  # two sides, two buffers each: 128 MiB in all
+    with ReadAhead(left, cached=cached, chunk=chunk) as a, ReadAhead(right, cached=cached, chunk=chunk) as b:
         for i, r in enumerate(left):
             xs, ys = a.chunks(i), b.chunks(i)
             x = y = memoryview(b"")

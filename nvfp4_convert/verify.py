@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import KW_ONLY, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,58 +285,95 @@ def _policy_of(dst: Path) -> Policy:
     return Policy(report["policy"]["name"], report["policy"]["experts"])
 
 
+BAND_FLOATS = 4 * 1024 * 1024  # float32 values per decoded band of a converted tensor (16 MB)
+
+
 def _rows(info: TensorInfo, sample: int | None) -> list[tuple[int, int]]:
+    """Row bands to compare: ``sample`` bands of 128 rows spread over the tensor, or every row in bands
+    of about ``BAND_FLOATS`` values (multiples of 128 rows: whole FP8 blocks), so memory stays bounded."""
     rows = info.shape[0] if info.shape else 1
-    if len(info.shape) < 2 or not sample or rows <= sample * FP8_BLOCK:
+    if len(info.shape) < 2:
+        return [(0, rows)]
+    if not sample:
+        cols = max(1, info.numel // max(1, rows)) * (2 if info.dtype == "U8" else 1)  # packed FP4: 2 per byte
+        step = max(1, BAND_FLOATS // cols // FP8_BLOCK) * FP8_BLOCK
+        return [(r, min(rows, r + step)) for r in range(0, rows, step)]
+    if rows <= sample * FP8_BLOCK:
         return [(0, rows)]
     step = max(1, (rows // FP8_BLOCK) // sample) * FP8_BLOCK
     return [(r, min(rows, r + FP8_BLOCK)) for r in range(0, rows, step)][:sample]
 
 
-def check_against_source(dst: Path, src: Path, *, sample: int | None = None) -> list[Finding]:
-    out_ckpt = Checkpoint.open(dst)
-    src_ckpt = Checkpoint.open(src)
-    inv = build_inventory(src_ckpt)
-    plan = build_plan(inv, _policy_of(dst), src_ckpt.path)
-    expected_config = vllm_config(src_ckpt.config, plan.ignored_layers)
-    findings = [
-        Finding(
-            "config vs source",
-            "config.json",
-            ok=expected_config == out_ckpt.config,
-            detail="matches the plan" if expected_config == out_ckpt.config else "differs from what the plan writes",
-        )
-    ]
-    seen_experts: dict[str, int] = {}
-    differing = set() if sample else _differing_copies(plan.outputs, out_ckpt)
-    for o in plan.outputs:
-        got = out_ckpt.tensors.get(o.name)
-        if got is None:
-            findings.append(Finding("vs source", o.name, ok=False, detail="missing from the output"))
-            continue
-        if (got.dtype, got.shape) != (o.dtype, o.shape):
-            findings.append(
-                Finding(
-                    "vs source", o.name, ok=False, detail=f"{got.dtype}{list(got.shape)}, want {o.dtype}{list(o.shape)}"
-                )
+class SourceComparison:
+    """``check_against_source``, started early: the byte comparison of the copies (most of the bytes,
+    I/O-bound) runs on a thread from construction on, while ``findings()`` decodes the converted
+    tensors (CPU-bound) and other checks run."""
+
+    def __init__(self, dst: Path, src: Path, *, sample: int | None = None) -> None:
+        self.sample = sample
+        self.out_ckpt = Checkpoint.open(dst)
+        self.src_ckpt = Checkpoint.open(src)
+        self.plan = build_plan(build_inventory(self.src_ckpt), _policy_of(dst), self.src_ckpt.path)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="compare-copies")
+        self._copies = None if sample else self._pool.submit(_differing_copies, self.plan.outputs, self.out_ckpt)
+        self._pool.shutdown(wait=False)
+
+    def findings(self) -> list[Finding]:
+        plan, out_ckpt, sample = self.plan, self.out_ckpt, self.sample
+        expected_config = vllm_config(self.src_ckpt.config, plan.ignored_layers)
+        findings = [
+            Finding(
+                "config vs source",
+                "config.json",
+                ok=expected_config == out_ckpt.config,
+                detail="matches the plan"
+                if expected_config == out_ckpt.config
+                else "differs from what the plan writes",
             )
-            continue
-        if sample and ".ffn.experts." in o.name:
-            block = o.name.split(".ffn.experts.")[0]
-            expert = int(o.name.split(".ffn.experts.")[1].split(".")[0])
-            seen_experts.setdefault(block, expert)
-            if expert - seen_experts[block] >= sample:
+        ]
+        copies: list[tuple[int, str]] = []  # (position in findings, tensor): filled once the comparison is done
+        seen_experts: dict[str, int] = {}
+        for o in plan.outputs:
+            got = out_ckpt.tensors.get(o.name)
+            if got is None:
+                findings.append(Finding("vs source", o.name, ok=False, detail="missing from the output"))
                 continue
-        if o.op == "copy" and not sample:
-            same = o.name not in differing
-            findings.append(Finding(_BYTES, o.name, ok=same, detail="" if same else "bytes differ from the source"))
-            continue
-        findings.append(_compare(o, got, out_ckpt, sample))
-    extra = sorted(set(out_ckpt.tensors) - {o.name for o in plan.outputs})
-    findings += [
-        Finding("vs source", n, ok=False, detail="in the output but not in the plan (stale or foreign)") for n in extra
-    ]
-    return findings
+            if (got.dtype, got.shape) != (o.dtype, o.shape):
+                findings.append(
+                    Finding(
+                        "vs source",
+                        o.name,
+                        ok=False,
+                        detail=f"{got.dtype}{list(got.shape)}, want {o.dtype}{list(o.shape)}",
+                    )
+                )
+                continue
+            if sample and ".ffn.experts." in o.name:
+                block = o.name.split(".ffn.experts.")[0]
+                expert = int(o.name.split(".ffn.experts.")[1].split(".")[0])
+                seen_experts.setdefault(block, expert)
+                if expert - seen_experts[block] >= sample:
+                    continue
+            if o.op == "copy" and self._copies is not None:
+                copies.append((len(findings), o.name))
+                findings.append(Finding(_BYTES, o.name, ok=True))
+                continue
+            findings.append(_compare(o, got, out_ckpt, sample))
+        if self._copies is not None:
+            differing = self._copies.result()
+            for at, name in copies:
+                if name in differing:
+                    findings[at] = Finding(_BYTES, name, ok=False, detail="bytes differ from the source")
+        extra = sorted(set(out_ckpt.tensors) - {o.name for o in plan.outputs})
+        findings += [
+            Finding("vs source", n, ok=False, detail="in the output but not in the plan (stale or foreign)")
+            for n in extra
+        ]
+        return findings
+
+
+def check_against_source(dst: Path, src: Path, *, sample: int | None = None) -> list[Finding]:
+    return SourceComparison(dst, src, sample=sample).findings()
 
 
 _BYTES = "vs source: bytes"
@@ -501,10 +539,13 @@ def verify(
     thresholds: Thresholds | None = None,
 ) -> dict[str, Any]:
     """All requested checks; ``result["ok"]`` is the verdict."""
+    against_source = (
+        SourceComparison(dst, source, sample=sample) if source is not None and (dst / REPORT_JSON).exists() else None
+    )  # its byte comparison runs while the structure is checked
     findings = check_structure(dst)
     structure_ok = all(f.ok for f in findings)
-    if source is not None and (dst / REPORT_JSON).exists():
-        findings += check_against_source(dst, source, sample=sample)
+    if against_source is not None:
+        findings += against_source.findings()
     if reference is not None and structure_ok:
         findings += check_against_reference(dst, reference, thresholds=thresholds, sample=sample)
     failed = [f for f in findings if not f.ok]

@@ -19,28 +19,26 @@ What it measures
    start and every convert run imports that copy, so edits to the working tree during the
    benchmark cannot mix versions; its git commit, whether it differs from that commit, and a
    hash of its files are recorded.
-2. Timing: for each worker count, ``--pairs`` alternating runs of
-   (a) ``python -m nvfp4_convert.cli run SRC DST --quiet --workers N`` (subprocess) and
-   (b) a plain copy of the same source files into an empty directory on the same filesystem
-       (subprocess: ``shutil.copyfile`` per file followed by ``fsync`` per file, because the
-       converter fsyncs every shard it writes; ``--copy-mode cp-sync`` uses ``cp -r`` + ``sync``).
-   Wall time is measured around the subprocess only (DST removal, ``sync`` and cache preparation
-   are outside it). Before every timed run, DST is removed, ``sync`` runs, and the page cache is
-   set to the same state for both: ``cold`` = ``echo 3 > /proc/sys/vm/drop_caches`` (needs root;
-   the default when that file is writable) followed by one untimed ``import nvfp4_convert.cli``,
-   so the source data is cold and the Python libraries warm for both; ``warm`` = one full read of
-   the source files (it stays cached only as far as RAM allows). The convert wall includes the
-   interpreter start and the imports (torch): reported on their own as ``startup_s``, the median
-   wall of ``python -m nvfp4_convert.cli --version``; the converter's own ``timing.seconds``
-   (from its report) is recorded too.
-   Reported per worker count: the median over pairs of the per-pair wall ratio convert/copy, the
-   median walls, throughput as source GB (1e9 bytes) per second for both, and the converter's peak
-   memory: ``max_process_rss`` = ru_maxrss from ``wait4`` (the largest single process of the
-   converter's tree, exact), and ``tree_rss`` / ``tree_pss`` = the sum over the process tree
-   (main process, worker pool, multiprocessing manager) sampled every 0.5 s with psutil. Also
-   recorded per run: user+system CPU seconds of the child tree (``wait4``), which other load on
-   the machine does not inflate the way it inflates wall time, and the 1-minute load average
-   just before the run (the benchmark cannot keep other processes off the machine; it says so).
+2. Timing: the source is written in each layout of ``--source-shards`` (3 = ~5 GB shards, 15 = ~1 GB) in
+   turn. Per layout, ``--pairs`` rounds; in each round, for each cache state of ``--cache`` (``cold``,
+   ``warm``, or both, alternating), a triple of subprocesses:
+   (a) ``python -m nvfp4_convert.cli run SRC DST --quiet --workers N --io auto``,
+   (b) ``cp -r SRC DST && sync`` (buffered: from the page cache when the source is there),
+   (c) ``dd bs=64M iflag=direct oflag=direct conv=fsync`` per file, then ``sync`` (the disk's own speed).
+   The figure is convert / min(cp, dd) of the same triple (the faster plain copy is the bar), median
+   over rounds. Wall time is measured around the subprocess only (DST removal, ``sync`` and cache
+   preparation are outside it). Before every timed run, DST is removed, ``sync`` runs, and the page
+   cache is set: ``cold`` = ``echo 3 > /proc/sys/vm/drop_caches`` (needs root) followed by one untimed
+   ``import nvfp4_convert.cli``, so the source data is cold and the Python libraries warm; ``warm`` =
+   one full read of the source files, as when ModelOpt has just written them. The convert wall
+   includes the interpreter start and the imports (torch): ``startup_s`` is the median wall of
+   ``python -m nvfp4_convert.cli --version``; the converter's own ``timing`` (seconds, phases, files
+   read through the page cache) is recorded from its report. Memory: ``max_process_rss`` = ru_maxrss
+   from ``wait4`` (the largest single process of the converter's tree, exact) and ``tree_rss`` (the
+   sum over the process tree, sampled every 0.5 s). Also recorded: CPU seconds of each run and the
+   1-minute load average just before it (the benchmark cannot keep other processes off the machine).
+   ``--verify``: one more convert, then ``verify DST --source SRC`` and a ``dd iflag=direct`` read of
+   every file of SRC and DST, both cold: the figure is verify / read.
 3. ``--rss-scaling``: converts a 1x source and a 4x source (``--scaling-layers`` 1 vs 4 layers,
    with ``--scaling-experts`` routed experts per layer, 96 by default so the 4x source plus its
    output fit in ~32 GB) once per worker count, and reports the peak memory of each and the 4x/1x ratio.
@@ -50,7 +48,7 @@ end unless ``--keep`` (after a failure, ``logs/`` and the snapshot ``code/`` sta
 
 Usage (from the repository root, with the dev venv):
 
-    .venv/bin/python scripts/bench.py --json tmp/bench.json                  # 1 layer, 3 pairs, workers 1,2
+    .venv/bin/python scripts/bench.py --source-shards 3,15 --verify --json tmp/bench.json   # 1 layer, cold+warm
     .venv/bin/python scripts/bench.py --rss-scaling --json tmp/rss.json
 """
 
@@ -70,7 +68,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -283,13 +281,17 @@ class Filler:
             left -= n
 
 
-def write_source(src: Path, layers: int, n_experts: int, with_embed: bool, seed: int = 0) -> int:
-    """Write the synthetic checkpoint (shards of ~5 GB, index, config); returns the tensor bytes."""
+def write_source(
+    src: Path, layers: int, n_experts: int, with_embed: bool, seed: int = 0, shards: int | None = None
+) -> int:
+    """Write the synthetic checkpoint (shards of ~5 GB, or ``shards`` shards of equal size; index, config);
+    returns the tensor bytes."""
     specs = source_specs(layers, n_experts, with_embed)
+    limit = -(-sum(s.nbytes for s in specs) // shards) if shards else SHARD_BYTES
     groups: list[list[Spec]] = [[]]
     size = 0
     for s in specs:
-        if groups[-1] and size + s.nbytes > SHARD_BYTES:
+        if groups[-1] and size + s.nbytes > limit:
             groups.append([])
             size = 0
         groups[-1].append(s)
@@ -382,21 +384,6 @@ def _wait_sampling(
         time.sleep(sample_s)
 
 
-COPY_SNIPPET = """
-import os, shutil, sys
-src, dst = sys.argv[1], sys.argv[2]
-os.mkdir(dst)
-for name in sorted(os.listdir(src)):
-    shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
-    fd = os.open(os.path.join(dst, name), os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
-fd = os.open(dst, os.O_RDONLY)
-os.fsync(fd)
-os.close(fd)
-"""
-
-
 # The second baseline: the same files copied with O_DIRECT reads and writes (GNU dd, 64 MiB blocks,
 # fsync per file): the disk's own speed, with no page cache in the way.
 DIRECT_COPY_SNIPPET = """
@@ -407,8 +394,6 @@ done && sync "$2"
 
 
 def copy_cmd(src: Path, dst: Path, mode: str) -> list[str]:
-    if mode == "copyfile-fsync":
-        return [sys.executable, "-c", COPY_SNIPPET, str(src), str(dst)]
     if mode == "dd-direct":
         return ["sh", "-c", DIRECT_COPY_SNIPPET, "sh", str(src), str(dst)]
     return ["sh", "-c", 'cp -r "$1" "$2" && sync', "sh", str(src), str(dst)]
@@ -464,27 +449,6 @@ def clear(dst: Path) -> None:
     if dst.exists():
         shutil.rmtree(dst)
     os.sync()
-
-
-@dataclass
-class Pair:
-    convert: Measured
-    copy: Measured
-    direct_copy: Measured | None = None  # the dd O_DIRECT baseline, when measured
-
-    @property
-    def ratio(self) -> float:
-        return self.convert.wall_s / self.copy.wall_s
-
-    @property
-    def ratio_direct(self) -> float | None:
-        return self.convert.wall_s / self.direct_copy.wall_s if self.direct_copy else None
-
-
-@dataclass
-class WorkerResult:
-    workers: int
-    pairs: list[Pair] = field(default_factory=list)
 
 
 def file_sizes(src: Path) -> dict[str, int]:
@@ -554,111 +518,128 @@ def machine() -> dict:
     }
 
 
-def bench_ratio(args: argparse.Namespace, cache: str) -> dict:
+READ_SNIPPET = """
+for f in "$@"; do dd if="$f" of=/dev/null bs=64M iflag=direct status=none || exit 1; done
+"""
+
+
+def read_cmd(*dirs: Path) -> list[str]:
+    """Read every file of ``dirs`` once with ``O_DIRECT`` (GNU dd): the disk's read speed for those bytes."""
+    files = [str(f) for d in dirs for f in sorted(d.iterdir()) if f.is_file()]
+    return ["sh", "-c", READ_SNIPPET, "sh", *files]
+
+
+def verify_cmd(src: Path, dst: Path) -> list[str]:
+    return [sys.executable, "-m", "nvfp4_convert.cli", "verify", str(dst), "--source", str(src)]
+
+
+def bench_ratio(args: argparse.Namespace, caches: list[str]) -> dict:
+    """Per source layout (``--source-shards``), ``--pairs`` rounds; per round and cache state, a triple
+    (convert, cp -r + sync, dd O_DIRECT), alternating; ratio = convert / min(cp, dd) of the same triple."""
     work = args.workdir
     src, dst, logs = work / "src", work / "dst", work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     est = sum(s.nbytes for s in source_specs(args.layers, args.experts, args.with_embed))
     check_disk(work, int(est * 2.05), int(args.max_disk_gb * 1e9))
-    t0 = time.monotonic()
-    total = write_source(src, args.layers, args.experts, args.with_embed, args.seed)
-    src_bytes = dir_bytes(src)
-    print(
-        f"source: {args.layers} layer(s) x {args.experts} experts{' + embed/head' if args.with_embed else ''}: "
-        f"{total / 1e9:.2f} GB of tensors, {src_bytes / 1e9:.2f} GB on disk, "
-        f"{len(list(src.glob('*.safetensors')))} shards; generated in {time.monotonic() - t0:.1f} s",
-        flush=True,
-    )
     startup = startup_seconds()
     print(f"startup (python -m nvfp4_convert.cli --version, warm): {startup:.2f} s", flush=True)
-    results: list[WorkerResult] = []
-    out_bytes = 0
-    for w in args.workers:
-        res = WorkerResult(w)
+    layouts = []
+    for n_shards in args.source_shards:
+        t0 = time.monotonic()
+        total = write_source(src, args.layers, args.experts, args.with_embed, args.seed, n_shards)
+        src_bytes = dir_bytes(src)
+        files = sorted(src.glob("*.safetensors"))
+        print(
+            f"\nsource: {args.layers} layer(s) x {args.experts} experts: {total / 1e9:.2f} GB of tensors in "
+            f"{len(files)} shards of ~{max(f.stat().st_size for f in files) / 1e9:.2f} GB; "
+            f"generated in {time.monotonic() - t0:.1f} s",
+            flush=True,
+        )
+        runs: dict[str, list[dict]] = {c: [] for c in caches}
+        w = args.workers[0]
         for k in range(args.pairs):
-            c = timed(f"convert-w{w}-{k}", convert_cmd(src, dst, w), dst, src, cache, logs)
-            out_bytes = dir_bytes(dst)
-            timing = json.loads((dst / "nvfp4-convert-report.json").read_text())["timing"]
-            c.internal_s, io_used = timing["seconds"], timing.get("io", "?")
-            p = timed(f"copy-w{w}-{k}", copy_cmd(src, dst, args.copy_mode), dst, src, cache, logs)
-            d = timed(f"dd-w{w}-{k}", copy_cmd(src, dst, "dd-direct"), dst, src, cache, logs) if args.dd else None
-            res.pairs.append(Pair(c, p, d))
-            dd = f"  dd-direct {d.wall_s:6.2f} s (ratio {c.wall_s / d.wall_s:.3f})" if d else ""
+            for cache in caches:
+                tag = f"s{len(files)}-{cache}-{k}"
+                c = timed(f"convert-{tag}", convert_cmd(src, dst, w), dst, src, cache, logs)
+                timing = json.loads((dst / "nvfp4-convert-report.json").read_text())["timing"]
+                out_bytes = dir_bytes(dst)
+                p = timed(f"cp-{tag}", copy_cmd(src, dst, "cp-sync"), dst, src, cache, logs)
+                d = timed(f"dd-{tag}", copy_cmd(src, dst, "dd-direct"), dst, src, cache, logs)
+                base = min(p.wall_s, d.wall_s)
+                row = {
+                    "convert_s": round(c.wall_s, 3),
+                    "cp_s": round(p.wall_s, 3),
+                    "dd_s": round(d.wall_s, 3),
+                    "ratio": round(c.wall_s / base, 4),
+                    "converter_own_s": timing["seconds"],
+                    "phases": timing.get("phases", {}),
+                    "reads_through_page_cache": len(timing.get("reads_through_page_cache", [])),
+                    "max_process_rss_bytes": c.max_process_rss,
+                    "tree_rss_bytes": c.tree_rss,
+                    "cpu_s": {"convert": round(c.cpu_s, 1), "cp": round(p.cpu_s, 1), "dd": round(d.cpu_s, 1)},
+                    "load_before": round(c.load_before, 2),
+                }
+                runs[cache].append(row)
+                print(
+                    f"  {len(files)} shards, {cache:>4}, round {k + 1}: convert {c.wall_s:6.2f} s  cp {p.wall_s:6.2f} s  "
+                    f"dd {d.wall_s:6.2f} s  ratio {row['ratio']:.3f}  (own {timing['seconds']:.1f} s, phases "
+                    f"{timing.get('phases')}, {row['reads_through_page_cache']} files read from the page cache)  "
+                    f"RSS {gib(c.max_process_rss)}  load {c.load_before:.1f}",
+                    flush=True,
+                )
+        layout: dict = {
+            "source_shards": len(files),
+            "source_bytes": src_bytes,
+            "output_bytes": out_bytes,
+            "by_cache": {
+                cache: {
+                    "ratio_median": statistics.median(r["ratio"] for r in rows),
+                    "peak_max_process_rss_bytes": max(r["max_process_rss_bytes"] for r in rows),
+                    "rounds": rows,
+                }
+                for cache, rows in runs.items()
+            },
+        }
+        if args.verify:
+            timed(f"convert-s{len(files)}-for-verify", convert_cmd(src, dst, w), dst, src, "cold", logs)
+            v = timed(f"verify-s{len(files)}", verify_cmd(src, dst), Path("/nonexistent"), src, "cold", logs)
+            r = timed(f"read-s{len(files)}", read_cmd(src, dst), Path("/nonexistent"), src, "cold", logs)
+            layout["verify"] = {
+                "verify_s": round(v.wall_s, 3),
+                "read_src_and_dst_s": round(r.wall_s, 3),
+                "ratio": round(v.wall_s / r.wall_s, 4),
+                "max_process_rss_bytes": v.max_process_rss,
+                "cpu_s": round(v.cpu_s, 1),
+            }
             print(
-                f"  workers {w} pair {k + 1}: convert ({io_used} I/O) {c.wall_s:7.2f} s  copy {p.wall_s:7.2f} s  "
-                f"ratio {c.wall_s / p.wall_s:.3f}{dd}  (converter's own {c.internal_s:.2f} s)  CPU s convert {c.cpu_s:.1f} "
-                f"copy {p.cpu_s:.1f}  load before {c.load_before:.1f}/{p.load_before:.1f}  max-process RSS "
-                f"{gib(c.max_process_rss)}  tree RSS {gib(c.tree_rss)}  tree PSS {gib(c.tree_pss)}",
+                f"  verify --source: {v.wall_s:.2f} s, dd O_DIRECT read of SRC and DST {r.wall_s:.2f} s, ratio "
+                f"{v.wall_s / r.wall_s:.3f}, RSS {gib(v.max_process_rss)}",
                 flush=True,
             )
         clear(dst)
-        results.append(res)
-    rows = []
-    for res in results:
-        conv = statistics.median(p.convert.wall_s for p in res.pairs)
-        cop = statistics.median(p.copy.wall_s for p in res.pairs)
-        rows.append(
-            {
-                "workers": res.workers,
-                "ratio_median": statistics.median(p.ratio for p in res.pairs),
-                "ratios": [round(p.ratio, 4) for p in res.pairs],
-                "convert_wall_median_s": conv,
-                "copy_wall_median_s": cop,
-                "convert_GBps": src_bytes / 1e9 / conv,
-                "copy_GBps": src_bytes / 1e9 / cop,
-                "convert_walls_s": [round(p.convert.wall_s, 3) for p in res.pairs],
-                "convert_internal_s": [p.convert.internal_s for p in res.pairs],
-                "convert_cpu_s": [round(p.convert.cpu_s, 2) for p in res.pairs],
-                "copy_cpu_s": [round(p.copy.cpu_s, 2) for p in res.pairs],
-                "load_before_convert": [round(p.convert.load_before, 2) for p in res.pairs],
-                "load_before_copy": [round(p.copy.load_before, 2) for p in res.pairs],
-                "copy_walls_s": [round(p.copy.wall_s, 3) for p in res.pairs],
-                "peak_max_process_rss_bytes": max(p.convert.max_process_rss for p in res.pairs),
-                "peak_tree_rss_bytes": max(p.convert.tree_rss for p in res.pairs),
-                "peak_tree_pss_bytes": max(p.convert.tree_pss for p in res.pairs),
-                "copy_peak_max_process_rss_bytes": max(p.copy.max_process_rss for p in res.pairs),
-                **(
-                    {
-                        "ratio_vs_dd_direct_median": statistics.median(p.ratio_direct or 0 for p in res.pairs),
-                        "dd_direct_walls_s": [round(p.direct_copy.wall_s, 3) for p in res.pairs if p.direct_copy],
-                        "dd_direct_cpu_s": [round(p.direct_copy.cpu_s, 2) for p in res.pairs if p.direct_copy],
-                    }
-                    if args.dd
-                    else {}
-                ),
-            }
-        )
-    print(
-        f"\nsource {src_bytes / 1e9:.2f} GB, converted output {out_bytes / 1e9:.2f} GB; cache {cache}; "
-        f"copy = {args.copy_mode}; converter --io {IO}; {args.pairs} alternating "
-        f"{'triples (convert, copy, dd-direct)' if args.dd else 'pairs (convert, copy)'} per worker count"
-    )
-    print(
-        f"{'workers':>7} {'ratio(median)':>13} {'ratios':>22} {'convert s':>9} {'copy s':>7} "
-        f"{'conv GB/s':>9} {'copy GB/s':>9} {'max-proc RSS':>12} {'tree RSS':>10} {'tree PSS':>10}"
-    )
-    for r in rows:
-        print(
-            f"{r['workers']:>7} {r['ratio_median']:>13.3f} {' '.join(f'{x:.3f}' for x in r['ratios']):>22} "
-            f"{r['convert_wall_median_s']:>9.2f} {r['copy_wall_median_s']:>7.2f} {r['convert_GBps']:>9.3f} "
-            f"{r['copy_GBps']:>9.3f} {gib(r['peak_max_process_rss_bytes']):>12} {gib(r['peak_tree_rss_bytes']):>10} "
-            f"{gib(r['peak_tree_pss_bytes']):>10}"
-            + (f"  vs dd-direct {r['ratio_vs_dd_direct_median']:.3f}" if args.dd else "")
-        )
+        shutil.rmtree(src)
+        layouts.append(layout)
+    print(f"\nconvert / min(cp -r + sync, dd O_DIRECT), median of {args.pairs} rounds; peak RSS of the converter")
+    for lay in layouts:
+        for cache, res in lay["by_cache"].items():
+            print(
+                f"  {lay['source_shards']:>3} source shards, {cache:>4} cache: {res['ratio_median']:.3f} "
+                f"({' '.join(str(r['ratio']) for r in res['rounds'])}), RSS {gib(res['peak_max_process_rss_bytes'])}"
+            )
+        if "verify" in lay:
+            print(f"      verify --source / read SRC+DST: {lay['verify']['ratio']:.3f}")
     return {
         "mode": "ratio",
         "layers": args.layers,
         "experts": args.experts,
         "with_embed": args.with_embed,
-        "source_bytes": src_bytes,
-        "output_bytes": out_bytes,
-        "cache": cache,
         "startup_s": startup,
-        "copy_mode": args.copy_mode,
         "convert_io": IO,
+        "workers": args.workers[0],
         "convert_shard_size": SHARD_SIZE or "default (5GB)",
         "pairs": args.pairs,
-        "results": rows,
+        "caches": caches,
+        "layouts": layouts,
     }
 
 
@@ -723,19 +704,21 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=1, help="decoder layers in the source (ratio mode)")
     ap.add_argument("--experts", type=int, default=PRO["n_routed_experts"], help="routed experts per layer")
     ap.add_argument("--with-embed", action="store_true", help="add embed_tokens, lm_head, norm, hc_head once")
-    ap.add_argument("--pairs", type=int, default=3, help="alternating (convert, copy) pairs per worker count")
-    ap.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2], help="e.g. 1,2")
-    ap.add_argument("--cache", choices=("auto", "cold", "warm"), default="auto", help="auto = cold if root")
-    ap.add_argument("--copy-mode", choices=("copyfile-fsync", "cp-sync"), default="copyfile-fsync")
+    ap.add_argument("--pairs", type=int, default=2, help="rounds of (convert, cp, dd) per layout and cache state")
+    ap.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",")], default=[1], help="converter workers")
+    ap.add_argument(
+        "--cache", default="auto", help="cold, warm or cold,warm (both, alternating); auto = cold,warm if root"
+    )
+    ap.add_argument(
+        "--source-shards", type=lambda s: [int(x) for x in s.split(",")], default=[3], help="source layouts, e.g. 3,15"
+    )
+    ap.add_argument("--verify", action="store_true", help="also time verify --source against reading SRC and DST")
     ap.add_argument("--rss-scaling", action="store_true", help="peak memory for a 1x and a 4x source instead")
     ap.add_argument("--scaling-layers", type=int, default=1, help="layers of the 1x source (4x has 4 times as many)")
     ap.add_argument("--scaling-experts", type=int, default=96, help="routed experts per layer in --rss-scaling")
     ap.add_argument("--max-disk-gb", type=float, default=40.0, help="refuse to use more disk than this at once")
     ap.add_argument("--convert-shard-size", help="pass --shard-size to the converter (default: its own, 5GB)")
     ap.add_argument("--io", choices=("auto", "direct", "buffered"), default="auto", help="pass --io to the converter")
-    ap.add_argument(
-        "--no-dd", dest="dd", action="store_false", help="skip the second baseline (dd with O_DIRECT) in ratio mode"
-    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--keep", action="store_true", help="keep the generated data")
@@ -748,17 +731,19 @@ def main() -> None:
     if args.workdir.exists() and any(args.workdir.iterdir()):
         raise SystemExit(f"{args.workdir} exists and is not empty")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    cache = args.cache
-    if cache == "auto":
-        cache = "cold" if can_drop_caches() else "warm"
-    elif cache == "cold" and not can_drop_caches():
+    caches = ["cold", "warm"] if args.cache == "auto" else args.cache.split(",")
+    if args.cache == "auto" and not can_drop_caches():
+        caches = ["warm"]
+    if set(caches) - {"cold", "warm"}:
+        raise SystemExit(f"--cache: cold, warm or cold,warm, not {args.cache}")
+    if "cold" in caches and not can_drop_caches():
         raise SystemExit(f"cannot write {DROP_CACHES} (needs root): use --cache warm")
-    print(f"machine: {machine()}; cache before each timed run: {cache}", flush=True)
+    print(f"machine: {machine()}; cache states: {', '.join(caches)}", flush=True)
     ok = False
     try:
         code = snapshot_converter(args.workdir)
         print(f"converter snapshot: {code}", flush=True)
-        result = bench_rss_scaling(args, cache) if args.rss_scaling else bench_ratio(args, cache)
+        result = bench_rss_scaling(args, caches[0]) if args.rss_scaling else bench_ratio(args, caches)
         ok = True
     finally:
         if not args.keep:  # the data always goes; on failure the logs and the snapshot stay for a look
