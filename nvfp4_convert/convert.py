@@ -24,11 +24,10 @@ from .checkpoint import INDEX_NAME, Checkpoint
 from .config_emit import hf_quant_config, vllm_config
 from .errors import ConvertError
 from .execute import PHASES, Progress, ShardResult, write_shards
-from .formats import nvfp4 as nvfp4_format
 from .graft import REPLACED_REASON, Graft, graft, graft_errors
-from .inventory import Inventory, build_inventory, source_format
+from .inventory import Inventory, Role, build_inventory, source_format
 from .plan import DEFAULT_SHARD_BYTES, Account, Plan, build_plan
-from .policy import Policy
+from .policy import Policy, Target
 from .report import REPORT_JSON, REPORT_TEXT, render_text, report_dict
 from .safetensors_io import check_readable, write_file_atomic
 from .state import (
@@ -90,12 +89,13 @@ def prepare(
 
 def refuse_unconverted_formats(inv: Inventory) -> None:
     """Stop at the first linear whose format ``run`` does not convert yet (``Format.run_source``), naming it."""
+    converted = ", ".join(f.label for f in formats.ALL if f.run_source)
     for m in inv.linears():
         fmt = formats.FORMATS[m.format]
         if not fmt.run_source:
             w = m.params["weight"]
             raise ConvertError(
-                f"{fmt.label} linear: run does not convert this format yet (NVFP4 block 16, FP8 block and dense do)",
+                f"{fmt.label} linear: run does not convert this format yet ({converted} do)",
                 file=w.file,
                 tensor=w.name,
             )
@@ -340,11 +340,7 @@ def _write_metadata(prep: Prepared, dst: Path) -> None:
     write_file_atomic(dst / INDEX_NAME, json.dumps(index, indent=2).encode())
     write_file_atomic(dst / "config.json", json.dumps(prep.config, indent=2).encode())
     experts = sorted(
-        {
-            o.name.rsplit(".", 1)[0]
-            for o in plan.outputs
-            if o.dtype == nvfp4_format.WEIGHT_DTYPE and ".ffn.experts." in o.name
-        }
+        m.name for m in prep.inventory.linears(Role.ROUTED_EXPERT) if plan.policy.target(m) == Target.NVFP4
     )
     write_file_atomic(
         dst / "hf_quant_config.json", json.dumps(hf_quant_config(experts, plan.ignored_layers), indent=2).encode()

@@ -113,6 +113,12 @@ def produce(out: OutputTensor, writer: TensorSink, scales: dict[str, list[torch.
         writer.write(fold_block_scales(ws, float(out.value or 1.0))[0])  # planning refused a lossy fold
     elif out.op == "scalar":
         writer.write(torch.tensor(out.value, dtype=torch.float32).reshape(out.shape))
+    elif out.op == "restate":
+        fmt, _ = of_sources(out.sources)
+        ws = read_tensor(src)
+        if is_block_scale(src):
+            check_block_scales(ws, src)
+        writer.write(fmt.restate(src.name.rpartition(".")[2], ws, out.shape))
     else:
         raise ValueError(f"unknown op {out.op!r}")
 

@@ -5,9 +5,14 @@ the config (CONTRACT.md section 1): the ``formats`` registry recognises it (``nv
 ``fp8_tensor``, ``mxfp4``, ``dense``: see each format's module) and the format validates it. Non-linear
 tensors are modules of format ``tensor`` with a single unnamed parameter.
 
-A tensor that no naming rule covers, a quantized weight without its scales, a scale without its
-weight, a dtype or shape that contradicts its role, or a NaN/Inf/negative/zero global scale raise
-``ConvertError`` naming the file and tensor.
+The embedding and ``lm_head`` are plain tensors, or, when ModelOpt quantized them (scales beside the weight), modules
+of role ``embedding`` / ``head`` in the format their tensors claim. Each module records the algorithm ModelOpt's
+``quantization_config`` declares for it (``quant_algo``: ``NVFP4``, ``W4A16_NVFP4``, ``W4A8_NVFP4_FP8``, ...), which
+planning uses to name a recipe it refuses.
+
+A tensor that no naming rule covers (a ModelOpt tensor kind this converter does not handle is named as such), a
+quantized weight without its scales, a scale without its weight, a dtype or shape that contradicts its role, or a
+NaN/Inf/negative/zero global scale raise ``ConvertError`` naming the file and tensor.
 """
 
 from __future__ import annotations
@@ -86,6 +91,7 @@ class Module:
     params: dict[str, TensorInfo] = field(default_factory=dict)  # param -> source tensor
     global_scale: float | None = None  # weight_scale_2 of an NVFP4 module (weight_scale of a per-tensor FP8 one)
     input_scale: float | None = None
+    quant_algo: str | None = None  # what ModelOpt's quantization_config declares for it (``modelopt_algo``)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -108,6 +114,40 @@ class Module:
 # ModelOpt's FP8 KV-cache calibration (``hf_ptq.py --kv_cache_qformat fp8``) writes a scalar ``k_scale`` / ``v_scale``
 # per layer on ``k_proj`` / ``v_proj``, modules DeepSeek-V4 does not have (tests/fixtures/recipes/nvfp4-kv-fp8).
 KV_CACHE_SCALE = re.compile(r"(model\.)?layers\.\d+\.self_attn\.(k_proj\.k|v_proj\.v)_scale")
+
+
+# Tensor kinds ModelOpt's export writes that have no place in DeepSeek-V4's layout (``modelopt.torch.export``:
+# ``quantizer_attr_names`` and ``postprocess_state_dict``): suffix -> what it is. A source holding one stops, named.
+MODELOPT_KINDS: dict[str, str] = {
+    "pre_quant_scale": "AWQ/SmoothQuant pre_quant_scale (per-input-channel activation smoothing; recipes "
+    "NVFP4_AWQ, INT4_AWQ, W4A8_AWQ, INT8_SQ): not converted",
+    "output_scale": "output activation scale: not converted",
+    "k_bias": "KV-cache quantization bias (affine KV cache): not converted",
+    "v_bias": "KV-cache quantization bias (affine KV cache): not converted",
+    "weight_scale": "weight quantization scale on a module this converter knows only unquantized: not converted",
+    "weight_scale_2": "NVFP4 global scale on a module this converter knows only unquantized: not converted",
+    "input_scale": "activation scale on a module this converter knows only unquantized: not converted",
+}
+
+# Modules outside the decoder layers that ModelOpt may quantize (``recipes/nvfp4-embed-lm-head``), native names.
+QUANTIZABLE_TENSORS = {"embed": Role.EMBEDDING, "head": Role.HEAD}
+
+
+def modelopt_algo(config: dict, name: str) -> str | None:
+    """The ``quant_algo`` ModelOpt's ``quantization_config`` declares for the module of transformers name ``name``
+    (``quantized_layers`` lists routed experts under the fused ``mlp.experts``: the nearest listed parent counts), else
+    the checkpoint-wide ``quant_algo`` unless that is ``MIXED_PRECISION``; ``None`` when the config says nothing."""
+    q = config.get("quantization_config") or {}
+    if not isinstance(q, dict):
+        return None
+    layers = q.get("quantized_layers") or {}
+    parts = name.split(".")
+    for n in range(len(parts), 0, -1):
+        entry = layers.get(".".join(parts[:n])) if isinstance(layers, dict) else None
+        if isinstance(entry, dict) and isinstance(entry.get("quant_algo"), str):
+            return entry["quant_algo"]
+    algo = q.get("quant_algo")
+    return algo if isinstance(algo, str) and algo != "MIXED_PRECISION" else None
 
 
 @dataclass
@@ -161,19 +201,21 @@ def build_inventory(ckpt: Checkpoint, *, pass_unknown: bool = False) -> Inventor
         native = native_name(name, naming)
         if native is None:
             if not pass_unknown:
-                raise ConvertError("tensor matches no DeepSeek-V4 naming rule", file=info.file, tensor=name)
+                raise ConvertError(_unknown_what(name, ckpt.config), file=info.file, tensor=name)
             unknown[name.removeprefix("model.")] = info
             continue
         module, _, param = native.rpartition(".")
-        if param in LINEAR_PARAMS and linear_role(module) is not None:
+        if param in LINEAR_PARAMS and (linear_role(module) is not None or module in QUANTIZABLE_TENSORS):
             grouped.setdefault(module, {})[param] = info
         else:
             plain[native] = info
+    for module in [m for m in QUANTIZABLE_TENSORS if set(grouped.get(m, {})) == {"weight"}]:
+        plain[f"{module}.weight"] = grouped.pop(module)["weight"]  # unquantized: a plain tensor, as always
     modules: dict[str, Module] = {}
     for native, info in plain.items():
         modules[native] = Module(native, tensor_role(native), "tensor", {"": info})
     for module, params in grouped.items():
-        modules[module] = _linear_module(module, params)
+        modules[module] = _linear_module(module, params, ckpt.config)
     return Inventory(naming, dict(sorted(modules.items(), key=lambda kv: _sort_key(kv[0]))), unknown, kv_scales)
 
 
@@ -182,9 +224,20 @@ def _sort_key(name: str) -> tuple:
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
 
 
-def _linear_module(module: str, params: dict[str, TensorInfo]) -> Module:
-    """One linear: its format is the one its tensors claim (``formats.recognise``), validated by that format."""
-    role = linear_role(module)
+def _unknown_what(name: str, config: dict) -> str:
+    """Why a tensor has no place: the ModelOpt tensor kind it is (and the algorithm declared for its module), or no
+    naming rule at all."""
+    module, _, kind = name.rpartition(".")
+    if kind not in MODELOPT_KINDS:
+        return "tensor matches no DeepSeek-V4 naming rule"
+    algo = modelopt_algo(config, module)
+    return f"ModelOpt {kind} on {module}" + (f" (quant_algo {algo})" if algo else "") + f": {MODELOPT_KINDS[kind]}"
+
+
+def _linear_module(module: str, params: dict[str, TensorInfo], config: dict | None = None) -> Module:
+    """One linear (or a quantized embedding/head): its format is the one its tensors claim (``formats.recognise``),
+    validated by that format."""
+    role = linear_role(module) or QUANTIZABLE_TENSORS.get(module)
     assert role is not None
     weight = params.get("weight")
     if weight is None:
@@ -194,7 +247,8 @@ def _linear_module(module: str, params: dict[str, TensorInfo]) -> Module:
         raise ConvertError(f"linear weight must be 2-D, got {list(weight.shape)}", file=weight.file, tensor=weight.name)
     fmt = formats.recognise(params)
     scalars = fmt.validate(module, params)
-    return Module(module, role, fmt.name, dict(params), scalars.global_scale, scalars.input_scale)
+    algo = modelopt_algo(config or {}, weight.name.removesuffix(".weight"))
+    return Module(module, role, fmt.name, dict(params), scalars.global_scale, scalars.input_scale, algo)
 
 
 RELEASE_FORMAT = "DeepSeek's native release format (FP8 linears, MXFP4 routed experts, E8M0 scales)"

@@ -77,6 +77,9 @@ _MTP_OWN = re.compile(
     r"|shared_head\.(?:norm|head)\.weight|embed\.weight|head\.weight)$"
 )
 
+# Top-level modules ModelOpt can quantize (an NVFP4 embedding / lm_head): their scales, transformers -> native.
+_TOP_MODULES: dict[str, str] = {"model.embed_tokens": "embed", "lm_head": "head"}
+
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _MTP_RE = re.compile(r"^(?:model\.)?mtp\.(\d+)\.(.+)$")
 _EXPERT_RE = re.compile(rf"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.{_P}$")
@@ -100,6 +103,9 @@ def to_native(name: str) -> str | None:
     """Native DeepSeek name of a transformers-named tensor, or ``None`` when no rule covers it."""
     if name in _TOP:
         return _TOP[name]
+    m = _LINEAR_RE.match(name)
+    if m and m.group(1) in _TOP_MODULES:
+        return f"{_TOP_MODULES[m.group(1)]}.{m.group(2)}"
     m = _LAYER_RE.match(name)
     if m:
         rest = _layer_rest_to_native(m.group(2))
@@ -135,6 +141,9 @@ def _is_native_layer_rest(rest: str) -> bool:
 def is_native(name: str) -> bool:
     """True when ``name`` is a tensor name of DeepSeek's native release layout."""
     if name in _NATIVE_TOP:
+        return True
+    m = _LINEAR_RE.match(name)
+    if m and m.group(1) in _TOP_MODULES.values():
         return True
     m = _NATIVE_LAYER_RE.match(name)
     if m:

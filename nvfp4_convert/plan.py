@@ -10,6 +10,8 @@ An ``OutputTensor`` says how to make one output tensor from source tensors (``op
 - ``fp8_weight`` / ``fp8_scale``: the float32 source quantized with 128x128 power-of-two blocks.
 - ``fold_scale``: an NVFP4 ``weight_scale`` times ``value`` (< 1), rounded to e4m3 (trap 6).
 - ``scalar``: the float32 scalar ``value`` (a folded ``weight_scale_2``).
+- ``restate``: the first source (a parameter of a module kept as routed expert) re-encoded exactly into the output
+  shape by its format (``Format.restate``; the other sources are the module's tensors its format is recognised by).
 
 Every source tensor gets exactly one ``Account`` (what happened to it and why); ``build_plan``
 asserts that. ``ignored_layers`` lists, in native names, every module vLLM must build unquantized.
@@ -24,7 +26,6 @@ from pathlib import Path
 from .codecs import FOLD_MAX_REL_ERROR, fold_block_scales, gate_up_fold
 from .errors import ConvertError
 from .formats import DENSE, FORMATS, FP8_BLOCK_FORMAT, NVFP4
-from .formats import nvfp4 as nvfp4_format
 from .inventory import Inventory, Module, Role
 from .policy import Policy, Target
 from .safetensors_io import OutEntry, TensorInfo, read_tensor
@@ -117,7 +118,15 @@ class Plan:
         return {o.name: s.file for s in self.shards for o in s.outputs}
 
 
-_DROP_INPUT_SCALE = "activation scale of an NVFP4 linear; the FP8/BF16 output quantizes activations dynamically"
+_DROP_INPUT_SCALE = "activation scale of {}; the FP8/BF16 output quantizes activations dynamically"
+KEPT_EXPERT_FORMAT = NVFP4  # routed experts kept quantized are written in it (vLLM's ModelOpt NVFP4 MoE)
+
+
+def human_bytes(n: int) -> str:
+    """``1.234 GB`` (``12.3 kB`` below 10 MB)."""
+    return f"{n / 1e9:.3f} GB" if n >= 1e7 else f"{n / 1e3:.1f} kB"
+
+
 _DROP_KV_CACHE_SCALE = (
     "KV-cache scale of the source's FP8 KV-cache calibration, on k_proj/v_proj (modules DeepSeek-V4 does not have); "
     "vLLM's DeepSeek-V4 keeps its own FP8 KV cache"
@@ -128,6 +137,7 @@ def build_plan(inv: Inventory, policy: Policy, source: Path, *, shard_bytes: int
     """The complete plan; raises ``ConvertError`` when the source cannot be served under ``policy``."""
     plan = Plan(source, inv.naming, policy, [], [], [])
     experts = {m.name: m for m in inv.linears(Role.ROUTED_EXPERT)}
+    refuse_unservable_experts([m for m in experts.values() if policy.target(m) == Target.NVFP4])
     fixes: dict[str, GateUpFix | None] = {}  # per expert, decided once for both halves
     for module in inv.modules.values():
         target = policy.target(module)
@@ -135,8 +145,10 @@ def build_plan(inv: Inventory, policy: Policy, source: Path, *, shard_bytes: int
             _copy(plan, module.params[""], module.name, module.role)
         elif target == Target.NVFP4:
             _keep_nvfp4_expert(plan, module, experts, fixes)
-        elif target == Target.COPY and module.format == DENSE.name and not DENSE.in_output_form(module.params):
-            _convert(plan, module, "bf16")  # a float32 export's router: vLLM holds it in BF16 (GateLinear)
+        elif target == Target.COPY and not (module.format == DENSE.name and DENSE.in_output_form(module.params)):
+            # vLLM holds the router (GateLinear), embedding and head in BF16: a float32 router, an NVFP4 embedding
+            # or lm_head is decoded and written BF16
+            _convert(plan, module, "bf16")
         elif target == Target.COPY or already_in_target(module, target):
             _copy_linear(plan, module)
         elif target == Target.BF16:
@@ -225,21 +237,47 @@ def _convert(plan: Plan, module: Module, target: str) -> None:
         plan.accounts.append(Account(extra.name, "consumed", names, f"scale of {sources[0].name}", role, extra.nbytes))
     if "input_scale" in module.params:
         info = module.params["input_scale"]
-        plan.accounts.append(Account(info.name, "dropped", (), _DROP_INPUT_SCALE, role, info.nbytes))
+        reason = _DROP_INPUT_SCALE.format(f"a {FORMATS[module.format].label} linear")
+        plan.accounts.append(Account(info.name, "dropped", (), reason, role, info.nbytes))
+
+
+def refuse_unservable_experts(kept: list[Module]) -> None:
+    """Refuse routed experts that would be kept quantized but that vLLM's NVFP4 MoE cannot serve as they are,
+    naming ModelOpt's recipe and what ``--experts bf16`` would cost instead: weight-only experts (W4A16, no
+    ``input_scale``: vLLM would leave its activation scale uninitialised) and W4A8 recipes (their ``input_scale``
+    is an FP8 activation scale, which vLLM would read as NVFP4's)."""
+    w4a8 = [m for m in kept if (m.quant_algo or "").upper().startswith("W4A8")]
+    weight_only = [m for m in kept if "input_scale" not in m.params]
+    for bad, what in (
+        (w4a8, "ModelOpt {algo} (W4A8: FP8 activations; vLLM's NVFP4 MoE would read its FP8 input_scale as NVFP4's)"),
+        (weight_only, "weight-only (ModelOpt {algo}, W4A16: no input_scale, which vLLM's NVFP4 MoE needs)"),
+    ):
+        if not bad:
+            continue
+        first = bad[0].params["weight"]
+        as_bf16 = sum(2 * m.shape[0] * m.shape[1] for m in kept)
+        as_is = sum(m.source_bytes for m in kept)
+        algo = bad[0].quant_algo or ("W4A16_NVFP4" if bad is weight_only else "W4A8")
+        raise ConvertError(
+            f"{len(bad)} routed expert linear(s) are {what.format(algo=algo)}: refused; convert with --experts bf16 "
+            f"(routed experts dequantized to BF16: {human_bytes(as_bf16)} instead of {human_bytes(as_is)}, "
+            f"{as_bf16 / max(1, as_is):.1f}x)",
+            file=first.file,
+            tensor=first.name,
+        )
 
 
 def _keep_nvfp4_expert(
     plan: Plan, module: Module, experts: dict[str, Module], fixes: dict[str, GateUpFix | None]
 ) -> None:
-    if module.format != NVFP4.name:
-        w = module.params["weight"]
+    fmt = FORMATS[module.format]
+    restated = fmt.restated_as(KEPT_EXPERT_FORMAT, module.params)
+    w = module.params["weight"]
+    if restated is None:
         raise ConvertError(
-            f"routed expert is {module.format}, not NVFP4: use --experts bf16", file=w.file, tensor=w.name
-        )
-    if "input_scale" not in module.params:
-        w = module.params["weight"]
-        raise ConvertError(
-            "NVFP4 expert without input_scale (vLLM would leave it uninitialised)", file=w.file, tensor=w.name
+            f"routed expert is {fmt.label}, not {KEPT_EXPERT_FORMAT.label}: use --experts bf16",
+            file=w.file,
+            tensor=w.name,
         )
     prefix, half = module.name.rsplit(".", 1)
     fix = None
@@ -247,12 +285,23 @@ def _keep_nvfp4_expert(
         if prefix not in fixes:  # reads the rescaled half's block scales: once per expert, not per half
             fixes[prefix] = _gate_up_fix(prefix, experts)
         fix = fixes[prefix]
+    if fix and restated:
+        raise ConvertError(
+            f"gate and up global scales differ on a {fmt.label} expert that is re-encoded as "
+            f"{KEPT_EXPERT_FORMAT.label}: folding both is not supported; convert with --experts bf16",
+            file=w.file,
+            tensor=w.name,
+        )
     for param, info in module.params.items():
         out = _out_name(module, param)
-        if fix and fix.rescaled == half and param == "weight_scale":
-            plan.outputs.append(
-                OutputTensor(out, nvfp4_format.SCALE_DTYPE, info.shape, "fold_scale", (info,), fix.ratio)
-            )
+        if param in restated:
+            dtype, shape = restated[param]
+            others = tuple(t for p, t in module.params.items() if p != param)
+            plan.outputs.append(OutputTensor(out, dtype, shape, "restate", (info, *others)))
+            reason = f"{fmt.label} re-encoded exactly as {KEPT_EXPERT_FORMAT.label} {list(info.shape)} -> {list(shape)}"
+            plan.accounts.append(Account(info.name, "rescaled", (out,), reason, module.role.value, info.nbytes))
+        elif fix and fix.rescaled == half and param == "weight_scale":
+            plan.outputs.append(OutputTensor(out, info.dtype, info.shape, "fold_scale", (info,), fix.ratio))
             reason = f"gate/up global scales differ ({fix.gate_scale_2:g} vs {fix.up_scale_2:g}): block scales x {fix.ratio:.6g}"
             plan.accounts.append(Account(info.name, "rescaled", (out,), reason, module.role.value, info.nbytes))
         elif fix and fix.rescaled == half and param == "weight_scale_2":

@@ -14,14 +14,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .plan import Plan
+from .plan import Plan, human_bytes
 
 REPORT_JSON = "nvfp4-convert-report.json"
 REPORT_TEXT = "nvfp4-convert-report.txt"
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.3f} GB" if n >= 1e7 else f"{n / 1e3:.1f} kB"
 
 
 def plan_summary(plan: Plan) -> dict[str, Any]:
@@ -99,12 +95,12 @@ def summary_tables(plan: Plan) -> list[Table]:
     for col in ("role", "from", "action", "tensors", "bytes in"):
         t_in.add_column(col, justify="right" if col in ("tensors", "bytes in") else "left")
     for row in summary["inputs"]:
-        t_in.add_row(row["role"], row["from"], row["action"], str(row["tensors"]), _gb(row["bytes"]))
+        t_in.add_row(row["role"], row["from"], row["action"], str(row["tensors"]), human_bytes(row["bytes"]))
     t_out = Table(title="Output tensors")
     for col in ("role", "op", "dtype", "tensors", "bytes out"):
         t_out.add_column(col, justify="right" if col in ("tensors", "bytes out") else "left")
     for row in summary["outputs"]:
-        t_out.add_row(row["role"], row["op"], row["dtype"], str(row["tensors"]), _gb(row["bytes"]))
+        t_out.add_row(row["role"], row["op"], row["dtype"], str(row["tensors"]), human_bytes(row["bytes"]))
     return [t_in, t_out]
 
 
@@ -115,8 +111,8 @@ def render_text(plan: Plan, *, width: int = 110, graft_errors: list[dict] | None
     console.print(f"nvfp4-convert: {plan.source} ({plan.naming} names)")
     console.print(plan.policy.describe())
     console.print(
-        f"{len(plan.accounts)} input tensors ({_gb(plan.source_bytes)}) -> {len(plan.outputs)} output tensors "
-        f"({_gb(plan.output_bytes)}) in {len(plan.shards)} shard(s)"
+        f"{len(plan.accounts)} input tensors ({human_bytes(plan.source_bytes)}) -> {len(plan.outputs)} output tensors "
+        f"({human_bytes(plan.output_bytes)}) in {len(plan.shards)} shard(s)"
     )
     for table in summary_tables(plan):
         console.print(table)

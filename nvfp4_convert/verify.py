@@ -35,7 +35,7 @@ from .codecs import FP8_BLOCK, dequantize_fp8_block, fp8_scale_shape, is_power_o
 from .config_emit import quantization_config, vllm_config
 from .direct_io import CACHED_ENOUGH, Range, cached_fraction, differences, reads_direct
 from .errors import ConvertError
-from .formats import DENSE, FP8_BLOCK_FORMAT, NVFP4, decode_rows
+from .formats import DENSE, FORMATS, FP8_BLOCK_FORMAT, NVFP4, decode_rows, of_sources
 from .formats import nvfp4 as nvfp4_format
 from .inventory import Inventory, Module, Role, build_inventory
 from .metrics import output_weight, weight_errors
@@ -154,13 +154,16 @@ def _check_config(cfg: dict[str, Any]) -> list[Finding]:
 
 def _check_module_format(m: Module) -> list[Finding]:
     expert = m.role == Role.ROUTED_EXPERT
-    if m.format == NVFP4.name and not expert:
+    fmt = FORMATS[m.format]
+    if not fmt.output and not (expert and fmt is NVFP4):
+        scale = next((t for p, t in m.params.items() if p != "weight"), m.params["weight"])
         return [
             Finding(
-                "no stale NVFP4",
-                f"{m.name}.weight_scale",
+                f"no stale {fmt.label}",
+                scale.name,
                 ok=False,
-                detail="NVFP4 tensors left on a module vLLM builds as FP8/BF16",
+                detail=f"{fmt.label} tensors left on a module vLLM builds as "
+                + ("NVFP4 (block 16) or BF16" if expert else "FP8/BF16"),
             )
         ]
     if m.format == FP8_BLOCK_FORMAT.name:
@@ -451,6 +454,15 @@ def _compare(o: OutputTensor, got: TensorInfo, out_ckpt: Checkpoint, sample: int
         )
         ok = bool(((have - want).abs() <= want.abs() * 2**-4 + 2**-9).all())
         return Finding("vs source: folded scale", o.name, ok=ok, detail="" if ok else "rescaled block scales off")
+    if o.op == "restate":  # the whole module decoded from the output equals the source's, bit for bit
+        module = o.name.rpartition(".")[0]
+        written = tuple(out_ckpt.tensors.get(f"{module}.{t.name.rpartition('.')[2]}") for t in o.sources)
+        if any(t is None for t in written):
+            return Finding("vs source: restated", o.name, ok=False, detail="a tensor of its module is missing")
+        fmt, params = of_sources(o.sources)
+        rows = fmt.logical_shape(params)[0]
+        same = torch.equal(decode_rows(written, 0, rows), decode_rows(o.sources, 0, rows))  # type: ignore[arg-type]
+        return Finding("vs source: restated", o.name, ok=same, detail="" if same else "decoded values differ")
     have_value = float(read_tensor(got).reshape(-1)[0])
     return Finding("vs source: scalar", o.name, ok=have_value == o.value, detail=f"{have_value} vs {o.value}")
 

@@ -42,3 +42,21 @@ def mutated_copy(
         config(cfg)
         (dst / "config.json").write_text(json.dumps(cfg))
     return dst
+
+
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # OCP / ModelOpt
+
+
+def modelopt_value(tensors: Tensors, module: str) -> torch.Tensor:
+    """float32 value of one ModelOpt linear, computed here without the package: NVFP4 (any block) as
+    ``E2M1[code] * (float32(weight_scale) * weight_scale_2)`` in ModelOpt's order, per-tensor FP8 as
+    ``float32(weight) * weight_scale``, a plain weight as its float32 cast."""
+    w = tensors[f"{module}.weight"]
+    if w.dtype == torch.uint8:
+        b = w.to(torch.int64)
+        codes = torch.stack((b & 0xF, b >> 4), dim=-1).reshape(b.shape[0], -1)
+        ws = tensors[f"{module}.weight_scale"].to(torch.float32) * tensors[f"{module}.weight_scale_2"].float()
+        return torch.tensor(E2M1)[codes] * ws.repeat_interleave(codes.shape[1] // ws.shape[1], 1)
+    if w.dtype == torch.float8_e4m3fn:
+        return w.to(torch.float32) * tensors[f"{module}.weight_scale"].to(torch.float32)
+    return w.to(torch.float32)

@@ -161,26 +161,6 @@ CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
         lambda t: _single(t, _set(f"{OA}.weight_scale", torch.ones(128, 2).to(torch.float8_e4m3fn))),
         "weight_scale shape",
     ),
-    "NVFP4 block 32 (not converted yet)": (
-        lambda t: _single(t, _set(f"{OA}.weight_scale", torch.ones(128, 4).to(torch.float8_e4m3fn))),
-        r"o_a_proj\.weight: NVFP4 \(block 32\) linear: run does not convert this format yet",
-    ),
-    "ModelOpt per-tensor FP8 (not converted yet)": (
-        lambda t: _single(
-            t,
-            lambda d: (
-                d.update(
-                    {
-                        f"{OA}.weight": torch.ones(128, 128).to(torch.float8_e4m3fn),
-                        f"{OA}.weight_scale": torch.tensor(0.5),
-                        f"{OA}.input_scale": torch.tensor(0.5),
-                    }
-                )
-                or d.pop(f"{OA}.weight_scale_2")
-            ),
-        ),
-        r"o_a_proj\.weight: FP8 per-tensor \(ModelOpt\) linear: run does not convert this format yet",
-    ),
     "weight without weight_scale": (lambda t: _single(t, _drop(f"{OA}.weight_scale")), "without its weight_scale"),
     "weight without weight_scale_2": (
         lambda t: _single(t, _drop(f"{EXPERT}.weight_scale_2")),

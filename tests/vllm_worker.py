@@ -116,8 +116,12 @@ def main() -> int:
     from vllm import LLM, SamplingParams
 
     result: dict = {"mode": mode, "missing_ops": missing}
+    # A model shorter than LLM_KWARGS' 4096 positions (the recipe fixtures: 256) is run at its own length.
+    positions = json.loads((Path(args.dst) / "config.json").read_text()).get("max_position_embeddings", 4096)
+    length = min(LLM_KWARGS["max_model_len"], int(positions))
+    kwargs = {**LLM_KWARGS, "max_model_len": length, "max_num_batched_tokens": length}
     try:
-        llm = LLM(model=args.dst, **LLM_KWARGS)
+        llm = LLM(model=args.dst, **kwargs)
     except Exception as exc:
         if not missing or record["params"] is None:
             raise

@@ -17,6 +17,9 @@ Contract of a ``Format``:
   reads on the way. Decoding a band equals the same rows of decoding the whole.
 - output formats only (``output``): ``encode(x)`` float32 -> the tensors to write, ``output_tensors(rows, cols)``
   their safetensors dtypes and shapes, ``in_output_form(params)`` whether a module is already what ``encode`` writes.
+- ``restated_as(target, params)``: whether this module can be written in ``target`` exactly (same decoded values,
+  bytes re-arranged, never re-rounded), and which tensors change: param -> (dtype, shape); ``{}`` when it already is
+  ``target``, ``None`` when there is no exact restatement. ``restate(param, tensor, shape)`` makes a changed tensor.
 
 The math (E2M1 tables, block scaling) lives in ``codecs``; formats call it.
 """
@@ -80,6 +83,15 @@ class Format:
 
     def decode_rows(self, params: Params, r0: int, r1: int) -> torch.Tensor:
         return self.decode(self.read_band(params, r0, r1))
+
+    def restated_as(self, target: Format, params: Params) -> dict[str, tuple[str, tuple[int, ...]]] | None:
+        """The tensors that change when this module is written exactly as ``target`` (none: ``{}``), ``None``
+        when no exact restatement exists. Default: only a format is exactly itself."""
+        return {} if target is self else None
+
+    def restate(self, param: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """``tensor`` (this format's ``param``) re-encoded into ``shape`` as ``restated_as`` declared."""
+        raise NotImplementedError(f"{self.label} has no restatement of {param}")
 
     def __repr__(self) -> str:
         return f"<format {self.name}>"

@@ -2,7 +2,8 @@
 a float32 scalar activation scale that never enters the weight's value).
 
 Told apart from block FP8 by its ``weight_scale`` (block FP8 has a ``scale``). Value: ``float32(weight) *
-weight_scale`` (``codecs.dequantize_fp8_tensor``). Recognised, validated and decoded; ``run`` does not convert it yet.
+weight_scale`` (``codecs.dequantize_fp8_tensor``, exact in float32). ``run`` decodes it and writes it as the policy
+says (BF16 or block FP8): vLLM's DeepSeek-V4 has no per-tensor FP8 linear.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class Fp8Tensor(Format):
     label: ClassVar[str] = "FP8 per-tensor (ModelOpt)"
     weight_dtypes: ClassVar[tuple[str, ...]] = (WEIGHT_DTYPE,)
     decode_params: ClassVar[tuple[str, ...]] = ("weight", "weight_scale")
+    run_source: ClassVar[bool] = True
 
     def recognise(self, params: Params) -> bool:
         return super().recognise(params) and "weight_scale" in params and "scale" not in params

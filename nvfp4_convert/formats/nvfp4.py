@@ -6,8 +6,9 @@ weight). Value: ``E2M1[code] * (float32(weight_scale) * weight_scale_2)`` (``cod
 
 Recognition: a uint8 weight is NVFP4; it is block 32 when its ``weight_scale`` has exactly [out, in/32] entries,
 else block 16 (whose ``validate`` then names what is wrong). Block scales must be finite and non-negative:
-``check_block_scales`` checks them wherever their bytes pass (decoding, folding, copying). ``run`` converts block 16
-and keeps it for routed experts; block 32 is recognised, validated and decoded, not converted yet.
+``check_block_scales`` checks them wherever their bytes pass (decoding, folding, copying). ``run`` decodes both; routed
+experts are kept in block 16, which block 32 restates exactly (``restated_as``: each block scale repeated, FP4 codes
+and global scale unchanged, so every decoded value is the same).
 """
 
 from __future__ import annotations
@@ -41,9 +42,7 @@ class Nvfp4(Format):
     def label(self) -> str:  # type: ignore[override]
         return "NVFP4" if self.block == FP4_BLOCK else f"NVFP4 (block {self.block})"
 
-    @property
-    def run_source(self) -> bool:  # type: ignore[override]
-        return self.block == FP4_BLOCK
+    run_source: ClassVar[bool] = True
 
     def scale_shape(self, weight: TensorInfo) -> tuple[int, int] | None:
         """[out, in/block] of a weight, ``None`` when ``in`` is no multiple of the block."""
@@ -92,6 +91,24 @@ class Nvfp4(Format):
 
     def decode(self, tensors: Tensors) -> torch.Tensor:
         return dequantize_nvfp4(tensors["weight"], tensors["weight_scale"], tensors["weight_scale_2"], block=self.block)
+
+    def restated_as(self, target: Format, params: Params) -> dict[str, tuple[str, tuple[int, ...]]] | None:
+        """NVFP4 of a block that is a multiple of ``target``'s restates exactly: only ``weight_scale`` changes, to
+        ``[out, in/target.block]`` (each scale repeated ``block/target.block`` times)."""
+        if target is self:
+            return {}
+        if not isinstance(target, Nvfp4) or self.block % target.block:
+            return None
+        weight = params["weight"]
+        shape = target.scale_shape(weight)
+        return None if shape is None else {"weight_scale": (SCALE_DTYPE, shape)}
+
+    def restate(self, param: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """Block scales ``[out, in/block]`` -> ``[out, in/b]`` for ``shape``'s smaller block ``b``: each repeated."""
+        if param != "weight_scale" or shape[0] != tensor.shape[0] or shape[1] % tensor.shape[1]:
+            raise ValueError(f"cannot restate NVFP4 {param} {list(tensor.shape)} as {list(shape)}")
+        raw = tensor.view(torch.uint8).repeat_interleave(shape[1] // tensor.shape[1], dim=1)
+        return raw.view(torch.float8_e4m3fn)
 
 
 NVFP4 = Nvfp4(FP4_BLOCK)
