@@ -14,8 +14,12 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from helpers import load_all
+import torch
+from helpers import Tensors, load_all, modelopt_value, mutated_copy
 from vllm_harness import E2E_FIXTURE, expected_parameters, load_record, run_vllm, same_values
+
+from nvfp4_convert.convert import run
+from nvfp4_convert.policy import Policy
 
 POLICIES = ["default", "fp8"]
 
@@ -72,3 +76,57 @@ def test_fp8_tensors_arrive_as_fp8_with_e8m0_scales(loaded):
     assert len(wo_a) == 3
     if policy == "fp8":
         assert any(n.endswith(".attn.fused_wqa_wkv.weight") for n in fp8)
+
+
+# The recipe fixtures (tests/fixtures/recipes/) have head_dim 64, which vLLM CPU 0.32 cannot build ("Unsupported
+# head_dim for fused quant+cache: 64"): each recipe's tensor kinds are planted into the e2e model instead.
+def _kv_fp8(t: Tensors) -> None:
+    layers = {n.split(".")[2] for n in t if n.startswith("model.layers.")}
+    for i in layers:
+        t[f"model.layers.{i}.self_attn.k_proj.k_scale"] = torch.tensor(0.0074)
+        t[f"model.layers.{i}.self_attn.v_proj.v_scale"] = torch.tensor(0.0074)
+
+
+def _float32(t: Tensors) -> None:
+    for n in [n for n in t if n in ("model.embed_tokens.weight", "lm_head.weight") or n.endswith(".mlp.gate.weight")]:
+        t[n] = t[n].float()
+
+
+def _attn_fp8(t: Tensors) -> None:
+    """ModelOpt per-tensor FP8 on every self_attn linear: e4m3 weight, float32 scalar weight_scale, input_scale."""
+    for m in [n.removesuffix(".weight_scale_2") for n in t if ".self_attn." in n and n.endswith(".weight_scale_2")]:
+        x = modelopt_value(t, m)
+        scale = x.abs().max() / 448
+        t[f"{m}.weight"] = (x / scale).to(torch.float8_e4m3fn)
+        t[f"{m}.weight_scale"] = scale.reshape(())
+        del t[f"{m}.weight_scale_2"]
+
+
+def _bs32(t: Tensors) -> None:
+    """NVFP4 block 32 on every non-expert linear: every other block scale of the block-16 export."""
+    for n in [n for n in t if n.endswith(".weight_scale") and ".mlp.experts." not in n]:
+        t[n] = t[n][:, 0::2].contiguous()
+
+
+RECIPE_KINDS = {
+    "nvfp4-kv-fp8": _kv_fp8,
+    "nvfp4-fp32": _float32,
+    "experts-nvfp4-attn-fp8": _attn_fp8,
+    "nvfp4-bs32": _bs32,
+}
+
+
+@pytest.mark.parametrize("recipe", list(RECIPE_KINDS))
+def test_vllm_loads_every_recipe_output_with_our_values(recipe, tmp_path_factory):
+    """The converted output (default policy, BF16 experts) of each recipe's tensor kinds: vLLM reads every tensor and
+    every parameter holds our values (as ``test_every_parameter_holds_our_values``)."""
+    work = tmp_path_factory.mktemp(f"recipe-{recipe}")
+    src = mutated_copy(E2E_FIXTURE, work / "src", RECIPE_KINDS[recipe])
+    run(src, work / "dst", Policy("default", "bf16"))
+    ckpt, rec = load_all(work / "dst"), load_record(run_vllm(work / "dst", work))
+    assert sorted(name for name, _ in rec["ckpt"]) == sorted(ckpt)
+    params = rec["params"]
+    expected, used_by = expected_parameters(ckpt, dict(rec["ckpt"]))
+    assert set(used_by) == set(ckpt) and set(expected) == set(params)
+    wrong = [n for n in params if not same_values(params[n], expected[n])]
+    assert not wrong, f"{recipe}: vLLM holds other values than ours in {wrong}"
