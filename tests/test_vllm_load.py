@@ -6,6 +6,9 @@ shims in ``vllm_shims.py``). An observer on the model's ``load_weights`` records
 iterator read, the name vLLM's ``hf_to_vllm_mapper`` gave each tensor, and every parameter right after
 loading (after vLLM fused ``fused_wqa_wkv``, ``fused_wkv_wgate``, ``gate_up_proj`` and the experts'
 ``w13``, before kernel repacking). vLLM's own ``enable_weights_track`` check is switched on as well.
+
+The recipe tensor kinds (FP8 KV-cache scales, a float32 export, per-tensor FP8 attention, NVFP4 block 32) are planted
+into the e2e model and their outputs loaded the same way, one vLLM run each.
 """
 
 from __future__ import annotations
