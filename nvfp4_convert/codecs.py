@@ -296,6 +296,30 @@ def mxfp4_top_exponent(packed: torch.Tensor, scale_e8m0: torch.Tensor, *, name: 
     return int(k[nonzero].max()) if bool(nonzero.any()) else None
 
 
+def mxfp4_exponent_counts(packed: torch.Tensor, scale_e8m0: torch.Tensor, *, name: str | None = None) -> torch.Tensor:
+    """int64 [255]: at index k + 127, how many blocks holding a nonzero code have exponent k.
+
+    Counts of row bands add up to the tensor's: one pass gives both ``counts_top_exponent`` (the global scale) and
+    ``counts_requantized`` (what ``mxfp4_to_nvfp4`` will re-quantize under it).
+    """
+    packed_bytes, scale_bytes = _mx_bytes(packed, scale_e8m0)
+    k = _e8m0_exponents(scale_bytes, name)
+    nonzero = (_mx_codes(packed_bytes) & 0x7).view(k.shape[0], k.shape[1], MX_BLOCK).ne(0).any(-1)
+    return torch.bincount((k[nonzero] + E8M0_BIAS).to(torch.int64), minlength=2 * E8M0_BIAS + 1)
+
+
+def counts_top_exponent(counts: torch.Tensor) -> int | None:
+    """``mxfp4_top_exponent`` from ``mxfp4_exponent_counts`` (None: no nonzero block)."""
+    present = counts.nonzero()
+    return int(present.max()) - E8M0_BIAS if present.numel() else None
+
+
+def counts_requantized(counts: torch.Tensor, global_exponent: int) -> int:
+    """How many nonzero blocks lie more than 17 binades below the top (d = k - m < -9): ``mxfp4_to_nvfp4``'s
+    ``requantized`` under ``global_exponent``, from ``mxfp4_exponent_counts``."""
+    return int(counts[: max(0, global_exponent + E4M3_MIN_EXP + E8M0_BIAS)].sum())
+
+
 def nvfp4_global_exponent(*top_exponents: int | None) -> int:
     """m of the shared NVFP4 global scale 2^m: (largest top exponent) - 8, so the top block's e4m3 scale is 2^8.
 

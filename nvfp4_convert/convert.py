@@ -26,6 +26,7 @@ from .errors import ConvertError
 from .execute import PHASES, Progress, ShardResult, write_shards
 from .graft import REPLACED_REASON, Graft, graft, graft_errors
 from .inventory import Inventory, Role, build_inventory, source_format
+from .mtp import MTP_REPLACED_REASON, MtpBlock, has_mtp, take_mtp
 from .plan import DEFAULT_SHARD_BYTES, Account, Plan, build_plan
 from .policy import Policy, Target
 from .report import REPORT_JSON, REPORT_TEXT, render_text, report_dict
@@ -52,6 +53,7 @@ class Prepared:
     plan: Plan
     config: dict
     graft: Graft | None = None
+    mtp: MtpBlock | None = None
 
 
 def prepare(
@@ -62,8 +64,13 @@ def prepare(
     pass_unknown: bool = False,
     attention_from: Path | None = None,
     allow_outside_links: bool = False,
+    mtp_from: Path | None = None,
 ) -> Prepared:
-    """Open SRC (and REF), classify, plan and derive the output config (headers and scalar scales only)."""
+    """Open SRC (and REF), classify, plan and derive the output config (headers and scalar scales only; with an MTP
+    block to re-encode, its routed experts are read once to choose their NVFP4 global scales).
+
+    ``mtp_from``: the whole MTP block from this reference (``mtp.take_mtp``); ``attention_from`` brings REF's MTP
+    block too when SRC has none and REF has one."""
     ckpt = Checkpoint.open(src, allow_outside_links=allow_outside_links)
     inv = build_inventory(ckpt, pass_unknown=pass_unknown)
     if (fmt := source_format(inv)) is not None:
@@ -75,16 +82,29 @@ def prepare(
         if attention_from is not None
         else None
     )
-    plan = build_plan(g.inventory if g else inv, policy, ckpt.path, shard_bytes=shard_bytes)
+    block = None
+    if mtp_from is not None:
+        block = take_mtp(ckpt.config, inv, mtp_from, allow_outside_links=allow_outside_links)
+    elif attention_from is not None and not has_mtp(inv):
+        block = take_mtp(ckpt.config, inv, attention_from, required=False, allow_outside_links=allow_outside_links)
+    planned = g.inventory if g else inv
+    if block is not None:
+        kept = {n: m for n, m in planned.modules.items() if not n.startswith("mtp.")}
+        planned = Inventory(planned.naming, kept | block.modules, planned.unknown, planned.kv_cache_scales)
+    plan = build_plan(planned, policy, ckpt.path, shard_bytes=shard_bytes)
     if g is not None and attention_from is not None:
         mark_grafted(plan, g, attention_from)
+    config_source = ckpt.config
+    if block is not None:
+        mark_mtp(plan, block)
+        config_source = {**ckpt.config, "num_nextn_predict_layers": block.layers}
     for name, what in ckpt.not_carried.items():
         plan.notes.append(f"{what} {name} of the source is not carried over (not part of the checkpoint)")
     if ckpt.links:
         plan.followed_links = ckpt.links
         plan.notes.append(f"{len(ckpt.links)} symlink(s) in the source followed (the report's followed_links)")
-    config = vllm_config(ckpt.config, plan.ignored_layers)
-    return Prepared(ckpt, inv, plan, config, g)
+    config = vllm_config(config_source, plan.ignored_layers)
+    return Prepared(ckpt, inv, plan, config, g, block)
 
 
 def refuse_unconverted_formats(inv: Inventory) -> None:
@@ -110,6 +130,28 @@ def mark_grafted(plan: Plan, g: Graft, ref: Path) -> None:
             plan.accounts.append(Account(t.name, "dropped", (), REPLACED_REASON, m.role.value, t.nbytes))
     plan.reference = ref
     plan.notes.append(f"{len(g.replaced)} non-expert linear(s) taken from the reference {ref}")
+
+
+def mark_mtp(plan: Plan, block: MtpBlock) -> None:
+    """Tag the tensors taken from REF's MTP block and account for the SRC mtp.* tensors they replace."""
+    from_ref = {t.name for m in block.modules.values() for t in m.params.values()}  # SRC's mtp.* were not planned
+    plan.accounts = [replace(a, origin="reference") if a.source in from_ref else a for a in plan.accounts]
+    for m in block.replaced:
+        for t in m.params.values():
+            plan.accounts.append(Account(t.name, "dropped", (), MTP_REPLACED_REASON, m.role.value, t.nbytes))
+    plan.mtp_reference = block.reference
+    plan.notes = [n for n in plan.notes if not n.startswith("no MTP block")]
+    written = sum(1 for o in plan.outputs if o.name.startswith("mtp."))
+    plan.notes.append(
+        f"MTP block ({block.layers} layer(s), {written} tensors) taken whole from the reference {block.reference}"
+        + (f"; {block.unread} other mtp.* tensor(s) of the reference not needed, not read" if block.unread else "")
+    )
+    lost = sum(n for r in plan.reencoded for n in r.requantized.values())
+    if plan.reencoded:
+        plan.notes.append(
+            f"{len(plan.reencoded)} MTP routed expert(s) re-encoded MXFP4 -> NVFP4: "
+            + (f"{lost} 32-block(s) more than 17 binades below their tensor's top re-quantized" if lost else "exact")
+        )
 
 
 def is_same_or_inside(dst: Path, src: Path) -> bool:
@@ -170,6 +212,7 @@ def run(
     prepared: Prepared | None = None,
     io: str = "auto",
     allow_outside_links: bool = False,
+    mtp_from: Path | None = None,
 ) -> dict:
     """Convert SRC into DST; returns the report dict.
 
@@ -184,6 +227,7 @@ def run(
         pass_unknown=pass_unknown,
         attention_from=attention_from,
         allow_outside_links=allow_outside_links,
+        mtp_from=mtp_from,
     )
     if io not in IO_MODES:
         raise ConvertError(f"unknown I/O mode {io!r} (one of {', '.join(IO_MODES)})")
@@ -228,7 +272,7 @@ def _run_locked(
     done_bytes = _already_written(dst, plan) if resume else 0
     check_destination(src, dst, resume=resume, needed_bytes=plan.output_bytes - done_bytes)
     status = "missing" if created else dst_status(dst)
-    inputs = prep.ckpt.shards + (prep.graft.shards if prep.graft else [])
+    inputs = prep.ckpt.shards + (prep.graft.shards if prep.graft else []) + (prep.mtp.shards if prep.mtp else [])
     with RunState(dst, plan_fingerprint(plan), resume=resume, sources=source_identity(inputs)) as state:
         try:
             direct = use_direct_io(io, dst / STATE_DIR, plan)  # probed inside the state dir: no stray file

@@ -30,11 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .codecs import FP8_BLOCK, fold_block_scales
+from .codecs import FP8_BLOCK, fold_block_scales, mxfp4_to_nvfp4
 from .direct_io import Range, ReadAhead
 from .errors import ConvertError
 from .formats import DENSE, FP8_BLOCK_FORMAT, decode_rows, of_sources
 from .formats.nvfp4 import check_block_scales, check_e4m3_codes, is_block_scale
+from .mtp import mx_rows
 from .plan import OutputTensor, Shard
 from .safetensors_io import ShardWriter, TensorInfo, TensorSink, read_tensor
 
@@ -107,6 +108,11 @@ def produce(out: OutputTensor, writer: TensorSink, scales: dict[str, list[torch.
             kept.append(encoded["scale"])
         if out.op == "fp8_weight" and scales is not None:
             scales[out.name.removesuffix(".weight") + ".scale"] = kept
+    elif out.op in ("mx_nvfp4_weight", "mx_nvfp4_scale"):
+        rows, cols = src.shape[0], _logical_cols(out.sources)
+        for r0, r1 in _bands(rows, cols):
+            encoded = mxfp4_to_nvfp4(*mx_rows(out.sources, r0, r1), int(out.value or 0), name=src.name)
+            writer.write(encoded.weight if out.op == "mx_nvfp4_weight" else encoded.weight_scale)
     elif out.op == "fold_scale":
         ws = read_tensor(src)
         check_block_scales(ws, src)

@@ -56,14 +56,19 @@ def open_reference(ref: Path, *, allow_outside_links: bool = False) -> tuple[Che
     return ckpt, build_inventory(ckpt, pass_unknown=True)
 
 
-def check_reference(src_cfg: dict, ref_ckpt: Checkpoint, src: Inventory, ref: Inventory) -> None:
-    """Refuse a REF that is not the same model as SRC, naming the first difference."""
+def check_dimensions(src_cfg: dict, ref_ckpt: Checkpoint, keys: tuple[str, ...] = SHAPE_KEYS) -> None:
+    """Refuse a REF whose config (where it has one) differs from SRC's in one of ``keys``, naming the first."""
     ref_cfg = ref_ckpt.config
-    for key in SHAPE_KEYS:
+    for key in keys:
         if ref_cfg and key in src_cfg and key in ref_cfg and src_cfg[key] != ref_cfg[key]:
             raise ConvertError(
                 f"reference {key} = {ref_cfg[key]!r}, source has {src_cfg[key]!r}", file=ref_ckpt.path / "config.json"
             )
+
+
+def check_reference(src_cfg: dict, ref_ckpt: Checkpoint, src: Inventory, ref: Inventory) -> None:
+    """Refuse a REF that is not the same model as SRC, naming the first difference."""
+    check_dimensions(src_cfg, ref_ckpt)
     for m in src.linears():
         if m.role not in GRAFTED_ROLES:
             continue

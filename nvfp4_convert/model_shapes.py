@@ -4,7 +4,10 @@
 head, norms, hyper-connections, per layer attention / compressor / indexer / router / shared and routed experts,
 routed experts one module per expert as ModelOpt exports them); linears as ``[out, in]`` whatever their storage
 format. It is the rule transformers' ``DeepseekV4ForCausalLM`` builds its parameters by (tested against its
-meta-device model). MTP layers (``mtp.*``) are not covered: transformers has none.
+meta-device model). MTP layers (``mtp.*``) are not covered: transformers has none. ``expected_mtp_shapes(config, j)``
+gives, in native names, MTP block ``j`` as DeepSeek's release and vLLM's ``DeepSeekV4MTP`` hold it: one decoder layer
+with sliding attention (no compressor, no indexer) and score-routed MoE (a gate bias, no ``tid2eid``), plus its own
+``enorm``, ``hnorm``, ``e_proj``, ``h_proj``, ``norm`` and ``hc_head_*``.
 
 ``check(inventory, config)`` holds the source against it before anything is written: a tensor of the wrong
 shape, one config.json does not imply (a layer or expert too many), or one missing (a layer or expert too few)
@@ -116,6 +119,23 @@ def expected_shapes(c: dict[str, Any]) -> dict[str, tuple[int, ...]]:
             out[f"{m}.shared_experts.{mod}.weight"] = shape
             for e in range(experts):
                 out[f"{m}.experts.{e}.{mod}.weight"] = shape
+    return out
+
+
+def expected_mtp_shapes(c: dict[str, Any], index: int = 0) -> dict[str, tuple[int, ...]]:
+    """Native name -> logical shape (linears as ``<module>.weight`` [out, in]) of MTP block ``index`` of config ``c``."""
+    one = {**c, "num_hidden_layers": 1, "layer_types": ["sliding_attention"], "mlp_layer_types": ["moe"]}
+    p = f"mtp.{index}."
+    out: dict[str, tuple[int, ...]] = {}
+    for tf_name, shape in expected_shapes(one).items():
+        if tf_name.startswith("model.layers.0."):
+            native = native_name(tf_name, "transformers")
+            assert native is not None, tf_name
+            out[p + native.removeprefix("layers.0.")] = shape
+    h, hc = int(c["hidden_size"]), int(c.get("hc_mult", 4))
+    out |= {f"{p}{n}.weight": (h,) for n in ("enorm", "hnorm", "norm")}
+    out |= {f"{p}{n}.weight": (h, h) for n in ("e_proj", "h_proj")}
+    out |= {f"{p}hc_head_fn": (hc, hc * h), f"{p}hc_head_base": (hc,), f"{p}hc_head_scale": (1,)}
     return out
 
 

@@ -9,9 +9,11 @@ An ``OutputTensor`` says how to make one output tensor from source tensors (``op
 - ``bf16``: the source linear decoded to float32 (NVFP4, FP8 block or dense) and rounded to BF16.
 - ``fp8_weight`` / ``fp8_scale``: the float32 source quantized with 128x128 power-of-two blocks.
 - ``fold_scale``: an NVFP4 ``weight_scale`` times ``value`` (< 1), rounded to e4m3 (trap 6).
-- ``scalar``: the float32 scalar ``value`` (a folded ``weight_scale_2``).
+- ``scalar``: the float32 scalar ``value`` (a folded ``weight_scale_2``; an MTP expert's ``2^m`` or ``input_scale``).
 - ``restate``: the first source (a parameter of a module kept as routed expert) re-encoded exactly into the output
   shape by its format (``Format.restate``; the other sources are the module's tensors its format is recognised by).
+- ``mx_nvfp4_weight`` / ``mx_nvfp4_scale``: an MTP routed expert in MXFP4 (or a BF16 cast of it, recovered) re-encoded
+  as NVFP4 under the global scale ``2^value`` (``codecs.mxfp4_to_nvfp4``): E2M1 bytes kept, block scales ``2^(k-m)``.
 
 Every source tensor gets exactly one ``Account`` (what happened to it and why); ``build_plan``
 asserts that. ``ignored_layers`` lists, in native names, every module vLLM must build unquantized.
@@ -23,10 +25,19 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .codecs import FOLD_MAX_REL_ERROR, fold_block_scales, gate_up_fold
+from .codecs import (
+    FOLD_MAX_REL_ERROR,
+    counts_requantized,
+    counts_top_exponent,
+    fold_block_scales,
+    gate_up_fold,
+    nvfp4_global_exponent,
+)
 from .errors import ConvertError
 from .formats import DENSE, FORMATS, FP8_BLOCK_FORMAT, NVFP4
+from .formats import nvfp4 as nvfp4_format
 from .inventory import Inventory, Module, Role
+from .mtp import exponent_counts
 from .policy import Policy, Target
 from .safetensors_io import OutEntry, TensorInfo, read_tensor
 
@@ -58,7 +69,7 @@ class Account:
     """What happened to one source tensor."""
 
     source: str
-    action: str  # copied | renamed | dequantized | quantized | consumed | rescaled | dropped | passed-unknown
+    action: str  # copied renamed dequantized quantized re-encoded consumed rescaled dropped passed-unknown
     outputs: tuple[str, ...] = ()
     reason: str = ""
     role: str = ""
@@ -76,6 +87,16 @@ class GateUpFix:
     rescaled: str  # "w1" or "w3"
     ratio: float
     scale_error: float = 0.0  # the folded block scales against the exact ones, relative over the half
+
+
+@dataclass(frozen=True)
+class MxReencode:
+    """One MTP routed expert re-encoded from MXFP4 to NVFP4: global exponents, re-quantized 32-blocks per half."""
+
+    expert: str  # native module prefix, e.g. mtp.0.ffn.experts.3
+    gate_up_exponent: int  # m of w1 and w3 (one global scale 2^m for both)
+    down_exponent: int  # m of w2
+    requantized: dict[str, int] = field(default_factory=dict)  # half -> blocks > 17 binades below the top
 
 
 @dataclass
@@ -101,9 +122,11 @@ class Plan:
     accounts: list[Account]
     ignored_layers: list[str]
     fixes: list[GateUpFix] = field(default_factory=list)
+    reencoded: list[MxReencode] = field(default_factory=list)  # MTP routed experts, MXFP4 -> NVFP4
     notes: list[str] = field(default_factory=list)
     shards: list[Shard] = field(default_factory=list)
     reference: Path | None = None  # --attention-from
+    mtp_reference: Path | None = None  # --mtp-from (or --attention-from bringing the MTP block)
     followed_links: dict[str, str] = field(default_factory=dict)  # SRC's symlinks: name -> resolved target
 
     @property
@@ -137,12 +160,20 @@ def build_plan(inv: Inventory, policy: Policy, source: Path, *, shard_bytes: int
     """The complete plan; raises ``ConvertError`` when the source cannot be served under ``policy``."""
     plan = Plan(source, inv.naming, policy, [], [], [])
     experts = {m.name: m for m in inv.linears(Role.ROUTED_EXPERT)}
-    refuse_unservable_experts([m for m in experts.values() if policy.target(m) == Target.NVFP4])
+    # kept as they are: an MTP expert in MXFP4 is re-encoded with its own input_scale (``_reencode_mx_expert``)
+    refuse_unservable_experts(
+        [m for m in experts.values() if policy.target(m) == Target.NVFP4 and m.format == NVFP4.name]
+    )
     fixes: dict[str, GateUpFix | None] = {}  # per expert, decided once for both halves
+    reencodes: dict[str, MxReencode] = {}
+    input_scales: dict[str, float] = {}  # of the main layers' experts, for the re-encoded MTP experts
     for module in inv.modules.values():
         target = policy.target(module)
         if module.format == "tensor":
             _copy(plan, module.params[""], module.name, module.role)
+        elif target == Target.NVFP4 and module.format != NVFP4.name and module.name.startswith("mtp."):
+            input_scales = input_scales or main_input_scales(inv)
+            _reencode_mx_expert(plan, module, experts, reencodes, input_scales)
         elif target == Target.NVFP4:
             _keep_nvfp4_expert(plan, module, experts, fixes)
         elif target == Target.COPY and not (module.format == DENSE.name and DENSE.in_output_form(module.params)):
@@ -175,7 +206,7 @@ def build_plan(inv: Inventory, policy: Policy, source: Path, *, shard_bytes: int
             "dropped): vLLM's DeepSeek-V4 keeps its own FP8 KV cache (fp8_ds_mla, --kv-cache-dtype fp8) whatever "
             "the checkpoint says"
         )
-    plan.ignored_layers = ignored_layers(inv, policy)
+    plan.ignored_layers = ignored_layers(inv, policy, main_layers(inv))
     if not any(m.name.startswith("mtp.") for m in inv.modules.values()):
         plan.notes.append("no MTP block (mtp.*) in the source: nothing to convert for speculative decoding")
     if policy.bf16_wo_a:
@@ -184,6 +215,11 @@ def build_plan(inv: Inventory, policy: Policy, source: Path, *, shard_bytes: int
     plan.shards = assign_shards(plan.outputs, shard_bytes)
     _check_accounting(inv, plan)
     return plan
+
+
+def main_layers(inv: Inventory) -> int:
+    """The number of main decoder layers (``layers.N``): where vLLM numbers the MTP layers from."""
+    return 1 + max((m.layer for m in inv.modules.values() if m.layer is not None), default=-1)
 
 
 def already_in_target(module: Module, target: Target) -> bool:
@@ -323,6 +359,83 @@ def _keep_nvfp4_expert(
         plan.fixes.append(fix)
 
 
+MX_INPUT_SCALE_NOTE = (
+    "input_scale of the MTP routed experts (activation scales, absent from MXFP4) = per projection the largest of the "
+    "main layers' routed experts ({values}): it only affects how often the draft is accepted, never the correctness "
+    "of the output (the target model verifies every drafted token)"
+)
+
+
+def _reencode_mx_expert(
+    plan: Plan,
+    module: Module,
+    experts: dict[str, Module],
+    reencodes: dict[str, MxReencode],
+    input_scales: dict[str, float],
+) -> None:
+    """An MTP routed expert half in MXFP4 (or a BF16 cast of it) as NVFP4, exactly: ``weight`` (E2M1 bytes kept),
+    ``weight_scale`` (``2^(k - m)``), ``weight_scale_2`` (``2^m``, m shared by w1 and w3), ``input_scale``."""
+    prefix, half = module.name.rsplit(".", 1)
+    if prefix not in reencodes:
+        reencodes[prefix] = _mx_reencode(prefix, experts)
+        plan.reencoded.append(reencodes[prefix])
+        if len(plan.reencoded) == 1:
+            values = ", ".join(f"{h} {v:g}" for h, v in input_scales.items())
+            plan.notes.append(MX_INPUT_SCALE_NOTE.format(values=values))
+    r = reencodes[prefix]
+    m = r.down_exponent if half == "w2" else r.gate_up_exponent
+    sources = decode_sources(module)
+    rows, cols = module.shape
+    name = module.name
+    outs = [
+        OutputTensor(f"{name}.weight", nvfp4_format.WEIGHT_DTYPE, (rows, cols // 2), "mx_nvfp4_weight", sources, m),
+        OutputTensor(
+            f"{name}.weight_scale", nvfp4_format.SCALE_DTYPE, (rows, cols // 16), "mx_nvfp4_scale", sources, m
+        ),
+        OutputTensor(f"{name}.weight_scale_2", "F32", (), "scalar", sources, 2.0**m),
+        OutputTensor(f"{name}.input_scale", "F32", (), "scalar", sources, input_scales[half]),
+    ]
+    plan.outputs.extend(outs)
+    names = tuple(o.name for o in outs)
+    lost = r.requantized.get(half, 0)
+    reason = f"{module.format} -> nvfp4, global scale 2^{m}: " + (
+        f"{lost} block(s) more than 17 binades below the top re-quantized" if lost else "exact (E2M1 bytes kept)"
+    )
+    role = module.role.value
+    plan.accounts.append(Account(sources[0].name, "re-encoded", names, reason, role, sources[0].nbytes))
+    for extra in sources[1:]:
+        plan.accounts.append(Account(extra.name, "consumed", names, f"scale of {sources[0].name}", role, extra.nbytes))
+
+
+def _mx_reencode(prefix: str, experts: dict[str, Module]) -> MxReencode:
+    """Global exponents of one expert (w1 and w3 share theirs) and the blocks each half loses, from one read."""
+    counts = {}
+    for half in ("w1", "w3", "w2"):
+        m = experts.get(f"{prefix}.{half}")
+        if m is None:
+            raise ConvertError(f"expert {prefix} lacks its {half} half", tensor=prefix)
+        counts[half] = exponent_counts(decode_sources(m), max(1, MX_BAND_BYTES // (4 * m.shape[1])))
+    gate_up = nvfp4_global_exponent(counts_top_exponent(counts["w1"]), counts_top_exponent(counts["w3"]))
+    down = nvfp4_global_exponent(counts_top_exponent(counts["w2"]))
+    lost = {h: counts_requantized(c, down if h == "w2" else gate_up) for h, c in counts.items()}
+    return MxReencode(prefix, gate_up, down, {h: n for h, n in lost.items() if n})
+
+
+MX_BAND_BYTES = 64 * 1024 * 1024  # float32 bytes of one row band read while planning a re-encode
+
+
+def main_input_scales(inv: Inventory) -> dict[str, float]:
+    """Per projection (w1, w2, w3), the largest ``input_scale`` of the main layers' NVFP4 routed experts."""
+    out: dict[str, float] = {}
+    for m in inv.linears(Role.ROUTED_EXPERT):
+        if m.input_scale is not None and not m.name.startswith("mtp."):
+            half = m.name.rsplit(".", 1)[1]
+            out[half] = max(out.get(half, 0.0), m.input_scale)
+    if set(out) != {"w1", "w2", "w3"}:
+        raise ConvertError("no NVFP4 routed expert in the main layers to take the MTP experts' input_scale from")
+    return dict(sorted(out.items()))
+
+
 def _gate_up_fix(prefix: str, experts: dict[str, Module]) -> GateUpFix | None:
     gate, up = experts.get(f"{prefix}.w1"), experts.get(f"{prefix}.w3")
     if gate is None or up is None:
@@ -353,26 +466,41 @@ def _gate_up_fix(prefix: str, experts: dict[str, Module]) -> GateUpFix | None:
     return GateUpFix(prefix, g, u, rescaled, ratio, error)
 
 
-def ignore_names(module: Module) -> list[str]:
+def ignore_names(module: Module, n_layers: int | None = None) -> list[str]:
     """The ``ignored_layers`` entries that make vLLM build ``module`` unquantized (BF16): the fused
     vLLM module and its shard names (older releases match only the fused name); none for roles
-    vLLM builds without a quant config anyway (compressors, indexer ``weights_proj``)."""
+    vLLM builds without a quant config anyway (compressors, indexer ``weights_proj``).
+
+    An MTP module (``mtp.J.*``) is spelled as vLLM builds it, ``layers.{n_layers + J}.*`` (the ``mtp.J.``
+    spelling never matches); ``n_layers`` (``num_hidden_layers``) is required for one.
+    """
+    name = mtp_layer_name(module.name, n_layers)
     if module.role == Role.ATTENTION:
-        block, _, proj = module.name.partition(".attn.")
+        block, _, proj = name.partition(".attn.")
         if proj in ("wq_a", "wkv"):
             return [f"{block}.attn.fused_wqa_wkv", f"{block}.attn.wq_a", f"{block}.attn.wkv"]
-        return [module.name]
+        return [name]
     if module.role == Role.SHARED_EXPERT:
-        p = module.name.rsplit(".", 1)[0]
+        p = name.rsplit(".", 1)[0]
         return [f"{p}.gate_up_proj", f"{p}.w1", f"{p}.w3", f"{p}.w2"]
     if module.role == Role.ROUTED_EXPERT:
-        return [f"{module.name.split('.ffn.experts.')[0]}.ffn.experts"]
+        return [f"{name.split('.ffn.experts.')[0]}.ffn.experts"]
     return []
 
 
-def ignored_layers(inv: Inventory, policy: Policy) -> list[str]:
+def mtp_layer_name(name: str, n_layers: int | None) -> str:
+    """``mtp.J.rest`` -> ``layers.{n_layers + J}.rest`` (vLLM's module prefix of MTP layer J); other names unchanged."""
+    m = re.match(r"^mtp\.(\d+)\.", name)
+    if m is None:
+        return name
+    if n_layers is None:
+        raise ValueError(f"{name}: an MTP module needs num_hidden_layers to be named as vLLM builds it")
+    return f"layers.{n_layers + int(m.group(1))}.{name[m.end() :]}"
+
+
+def ignored_layers(inv: Inventory, policy: Policy, n_layers: int | None = None) -> list[str]:
     """Native module names vLLM must build unquantized (BF16) under ``policy``, in module order."""
-    names = (n for m in inv.linears() if policy.target(m) == Target.BF16 for n in ignore_names(m))
+    names = (n for m in inv.linears() if policy.target(m) == Target.BF16 for n in ignore_names(m, n_layers))
     return list(dict.fromkeys(names))
 
 

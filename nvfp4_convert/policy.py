@@ -11,7 +11,8 @@ Whatever the preset, vLLM dictates: compressors and the indexer's ``weights_proj
 with no quant config), MTP ``e_proj``/``h_proj`` FP8 (built with no prefix, so ``ignored_layers``
 cannot reach them), the router and non-linear tensors copied. Routed experts (``--experts``):
 ``nvfp4`` keeps ModelOpt's bytes, ``bf16`` dequantizes them (a reference checkpoint, and the only
-form vLLM's CPU build can run); BF16 experts are listed in ``ignored_layers``.
+form vLLM's CPU build can run); BF16 experts are listed in ``ignored_layers``. ``--mtp-experts`` sets the MTP
+block's routed experts apart (default: as ``--experts``).
 """
 
 from __future__ import annotations
@@ -55,16 +56,21 @@ EXPERT_FORMATS = tuple(f.value for f in ExpertFormat)
 
 @dataclass(frozen=True)
 class Policy:
-    """A precision preset plus the routed-experts format."""
+    """A precision preset plus the routed-experts format (``mtp_experts``: the MTP block's, None = ``experts``)."""
 
     name: str = "default"
     experts: str = "nvfp4"
+    mtp_experts: str | None = None
 
     def __post_init__(self) -> None:
         if self.name not in PRESETS:
             raise ValueError(f"unknown policy {self.name!r}; choose one of {', '.join(PRESETS)}")
         if self.experts not in EXPERT_FORMATS:
             raise ValueError(f"unknown experts format {self.experts!r}; choose one of {', '.join(EXPERT_FORMATS)}")
+        if self.mtp_experts is not None and self.mtp_experts not in EXPERT_FORMATS:
+            raise ValueError(
+                f"unknown MTP experts format {self.mtp_experts!r}; choose one of {', '.join(EXPERT_FORMATS)}"
+            )
 
     def attention_target(self, projection: str) -> Target:
         if self.name == "fp8" or (self.name == "default" and projection == "wo_a"):
@@ -87,7 +93,8 @@ class Policy:
         if role == Role.MTP_PROJ:
             return Target.FP8
         if role == Role.ROUTED_EXPERT:
-            return Target.NVFP4 if self.experts == "nvfp4" else Target.BF16
+            fmt = self.mtp_experts if module.name.startswith("mtp.") and self.mtp_experts else self.experts
+            return Target.NVFP4 if fmt == "nvfp4" else Target.BF16
         return Target.COPY
 
     @property
@@ -104,6 +111,7 @@ class Policy:
         attn = ", ".join(f"{p}={self.attention_target(p).value}" for p in ATTENTION_PROJECTIONS)
         return (
             f"policy {self.name}: attention {attn}; shared experts {self.shared_expert_target.value}; "
-            f"routed experts {self.experts}; compressors/indexer weights_proj bf16; mtp e_proj/h_proj fp8; "
+            f"routed experts {self.experts}"
+            f"{f' (MTP block {self.mtp_experts})' if self.mtp_experts else ''}; compressors/indexer weights_proj bf16; mtp e_proj/h_proj fp8; "
             f"needs vLLM >= {self.min_vllm}"
         )

@@ -2,8 +2,8 @@
 
 ``plan_summary(plan)`` groups every source tensor by (role, action) with counts and bytes in, and
 every output tensor by (role, dtype) with counts and bytes out. ``report_dict`` adds the
-per-tensor accounting (every input tensor: action, outputs, reason), deliberate drops, gate/up
-fixes, notes and ``ignored_layers``. ``render_text`` is the human summary written beside the JSON.
+per-tensor accounting (every input tensor: action, outputs, reason; tensors taken from a reference marked
+``from``), deliberate drops, gate/up fixes, MTP experts re-encoded from MXFP4, notes and ``ignored_layers``. ``render_text`` is the human summary written beside the JSON.
 """
 
 from __future__ import annotations
@@ -75,6 +75,16 @@ def report_dict(
         "followed_links": dict(plan.followed_links),
         "ignored_layers": list(plan.ignored_layers),
         "graft_errors": graft_errors,
+        "mtp_reference": str(plan.mtp_reference) if plan.mtp_reference else None,
+        "mtp_reencoded": [
+            {
+                "expert": r.expert,
+                "gate_up_global_scale": f"2^{r.gate_up_exponent}",
+                "down_global_scale": f"2^{r.down_exponent}",
+                "requantized_blocks": dict(r.requantized),
+            }
+            for r in plan.reencoded
+        ],
         "tensors": [
             {
                 "source": a.source,

@@ -40,7 +40,7 @@ from .formats import nvfp4 as nvfp4_format
 from .inventory import Inventory, Module, Role, build_inventory
 from .metrics import output_weight, weight_errors
 from .naming import Naming, detect_naming, native_name
-from .plan import OutputTensor, build_plan, ignore_names
+from .plan import OutputTensor, build_plan, ignore_names, mtp_layer_name
 from .policy import Policy
 from .report import REPORT_JSON
 from .safetensors_io import TensorInfo, read_rows, read_tensor
@@ -235,21 +235,22 @@ def _check_expected_modules(inv: Inventory, cfg: dict[str, Any]) -> list[Finding
     return out or [Finding("complete", "all modules", ok=True, detail=f"{len(wanted)} expected tensors present")]
 
 
-def bf16_modules_needing_ignore(inv: Inventory) -> set[str]:
-    """Native names that must be in ``ignored_layers`` given the formats on disk."""
-    return {n for m in inv.linears() if m.format == DENSE.name for n in ignore_names(m)}
+def bf16_modules_needing_ignore(inv: Inventory, n_layers: int | None = None) -> set[str]:
+    """Native names that must be in ``ignored_layers`` given the formats on disk (MTP modules as ``layers.{N+J}``)."""
+    return {n for m in inv.linears() if m.format == DENSE.name for n in ignore_names(m, n_layers)}
 
 
 def _check_ignored_layers(inv: Inventory, cfg: dict[str, Any]) -> list[Finding]:
     listed = set((cfg.get("quantization_config") or {}).get("ignored_layers") or [])
-    need = bf16_modules_needing_ignore(inv)
+    need = bf16_modules_needing_ignore(inv, cfg.get("num_hidden_layers"))
     out = [
         Finding(
             "ignored_layers", n, ok=False, detail="BF16 module missing from ignored_layers: vLLM would build it FP8"
         )
         for n in sorted(need - listed)
     ]
-    fp8 = {m.name for m in inv.linears() if m.format == FP8_BLOCK_FORMAT.name}
+    n_layers = cfg.get("num_hidden_layers")
+    fp8 = {mtp_layer_name(m.name, n_layers) for m in inv.linears() if m.format == FP8_BLOCK_FORMAT.name}
     out += [
         Finding("ignored_layers", n, ok=False, detail="FP8 module listed in ignored_layers: vLLM would build it BF16")
         for n in sorted(listed & fp8)
