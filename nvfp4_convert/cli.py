@@ -66,6 +66,22 @@ RefOpt = Annotated[
     Path | None,
     typer.Option("--attention-from", help="take every non-expert linear from this BF16/FP8 reference checkpoint"),
 ]
+MtpOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--mtp-from",
+        help="write the whole MTP block (mtp.0.*) from this reference: DeepSeek's release (FP8 + MXFP4) or a BF16 "
+        "cast of it; routed experts re-encoded MXFP4 -> NVFP4 exactly (--attention-from brings it too when SRC has none)",
+    ),
+]
+MtpExpertsOpt = Annotated[
+    ExpertFormat | None,
+    typer.Option(
+        "--mtp-experts",
+        help="the MTP block's routed experts: nvfp4 (re-encoded from MXFP4) or bf16 (about 4x their NVFP4 size); "
+        "default: as --experts",
+    ),
+]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="also write the result as JSON to this file")]
 LinksOpt = Annotated[
     bool,
@@ -138,6 +154,8 @@ def plan_cmd(
     shard_size: Annotated[str, typer.Option(help="target output shard size")] = "5GB",
     pass_unknown: Annotated[bool, typer.Option(help="pass unrecognised tensors through (loudly)")] = False,
     attention_from: RefOpt = None,
+    mtp_from: MtpOpt = None,
+    mtp_experts: MtpExpertsOpt = None,
     allow_outside_links: LinksOpt = False,
     json_out: JsonOpt = None,
 ) -> None:
@@ -146,11 +164,12 @@ def plan_cmd(
     def go() -> None:
         prep = prepare(
             src,
-            Policy(policy.value, experts.value),
+            Policy(policy.value, experts.value, mtp_experts.value if mtp_experts else None),
             shard_bytes=parse_size(shard_size),
             pass_unknown=pass_unknown,
             attention_from=attention_from,
             allow_outside_links=allow_outside_links,
+            mtp_from=mtp_from,
         )
         _print_plan(prep.plan)
         if json_out:
@@ -173,6 +192,8 @@ def run_cmd(
     pass_unknown: Annotated[bool, typer.Option(help="pass unrecognised tensors through (loudly)")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
     attention_from: RefOpt = None,
+    mtp_from: MtpOpt = None,
+    mtp_experts: MtpExpertsOpt = None,
     allow_outside_links: LinksOpt = False,
     plot: Annotated[
         Path | None,
@@ -195,11 +216,12 @@ def run_cmd(
     def go() -> None:
         prep = prepare(
             src,
-            Policy(policy.value, experts.value),
+            Policy(policy.value, experts.value, mtp_experts.value if mtp_experts else None),
             shard_bytes=parse_size(shard_size),
             pass_unknown=pass_unknown,
             attention_from=attention_from,
             allow_outside_links=allow_outside_links,
+            mtp_from=mtp_from,
         )
         report = _run(prep, dst, workers=workers, resume=resume, quiet=quiet, io=io.value)
         if plot is not None:

@@ -146,6 +146,15 @@ def mark_mtp(plan: Plan, block: MtpBlock) -> None:
         f"MTP block ({block.layers} layer(s), {written} tensors) taken whole from the reference {block.reference}"
         + (f"; {block.unread} other mtp.* tensor(s) of the reference not needed, not read" if block.unread else "")
     )
+    weights = [o for o in plan.outputs if o.name.startswith("mtp.") and ".ffn.experts." in o.name]
+    params = sum(o.shape[0] * o.shape[1] * (2 if o.dtype == "U8" else 1) for o in weights if o.name.endswith(".weight"))
+    bf16 = any(o.dtype == "BF16" for o in weights)
+    nbytes = sum(o.nbytes for o in weights)
+    other = ("NVFP4", params * 9 // 16 + 8 * len(weights)) if bf16 else ("BF16", params * 2)
+    plan.notes.append(
+        f"MTP routed experts {'BF16' if bf16 else 'NVFP4'}: {nbytes / 1e6:.3f} MB ({other[0]} would be "
+        f"{other[1] / 1e6:.3f} MB)"
+    )
     lost = sum(n for r in plan.reencoded for n in r.requantized.values())
     if plan.reencoded:
         plan.notes.append(
