@@ -19,6 +19,7 @@ Modules, one concern each (read them in this order):
 - ``state``           DST's lock, journal and plan fingerprint (resume), and its status
 - ``convert``         the whole run in order: prepare, check DST, write shards, then metadata
 - ``graft``           --attention-from: non-expert linears from a BF16/FP8 reference
+- ``mtp``             --mtp-from: the whole MTP block from DeepSeek's release (FP8 + MXFP4) or a BF16 cast, experts re-encoded NVFP4
 - ``config_emit``     config.json / hf_quant_config.json for stock vLLM
 - ``report``          JSON + human summary of what happened to every input tensor
 - ``inspect``         what a checkpoint (source or converted) contains
