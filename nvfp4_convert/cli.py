@@ -442,6 +442,14 @@ def preflight_cmd(
     prompt_lengths: Annotated[
         str | None, typer.Option("--prompt-lengths", help="diagnosis: prompt lengths, e.g. 1,8,600")
     ] = None,
+    mtp: Annotated[
+        bool,
+        typer.Option(
+            "--mtp",
+            help="also convert an MTP block (--mtp-from) and decode with MTP speculative decoding: the tokens must "
+            "be exactly the same (CUDA only; a second vLLM start)",
+        ),
+    ] = False,
     workdir: Annotated[
         Path | None, typer.Option("--workdir", help="keep the model, vLLM's log and results here")
     ] = None,
@@ -469,6 +477,7 @@ def preflight_cmd(
         cuda_graphs=cuda_graphs,
         hidden_size=hidden_size,
         prompt_lengths=_int_list(prompt_lengths, "--prompt-lengths"),
+        mtp=mtp,
         workdir=workdir,
     )
 
@@ -518,12 +527,26 @@ def _print_preflight(r: dict) -> None:
             f"{a['max_abs_dlogp']:.4f}",
             {"decode": "verdict", "prefill": "reported", "decode_vs_prefill": "vLLM vs itself"}[name],
         )
+    if r.get("mtp"):
+        table.add_row(*_mtp_row(r["mtp"]))
     out.print(table)
     for line in r["backends"][:12]:
         out.print(f"  [dim]{literal(line)}[/]", highlight=False)
     fault = f" (planted fault {r['planted_fault']})" if r["planted_fault"] else ""
     colour = "green" if r["verdict"] == "PASS" else "red"
     out.print(f"verdict: [bold {colour}]{r['verdict']}[/]{fault}")
+
+
+def _mtp_row(m: dict) -> tuple[str, ...]:
+    """The table line of ``preflight --mtp``: greedy tokens with MTP speculative decoding against without it."""
+    same, acc = m["same_tokens"], m.get("acceptance") or {}
+    steps = sum(same["per_prompt"])  # identical up to each prompt's first difference
+    counts = "exact: verdict"
+    if "draft_tokens" in acc:
+        counts += f"; accepted {acc.get('accepted_tokens', 0)}/{acc['draft_tokens']} drafts"
+    d = same["first_difference"]
+    where = "" if d is None else f" (first differs: prompt {d['prompt']} step {d['step']})"
+    return ("mtp vs plain", f"{steps}/{same['steps']} identical{where}", str(same["per_prompt"]), "", "", counts)
 
 
 @app.callback(invoke_without_command=True)

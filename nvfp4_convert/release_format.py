@@ -209,13 +209,17 @@ def _layer(c: Mapping[str, Any], p: str, ratio: int, *, hash_routed: bool) -> di
     return s
 
 
-def random_native_state(config: Mapping[str, Any], seed: int = 0) -> dict[str, torch.Tensor]:
+def random_native_state(
+    config: Mapping[str, Any], seed: int = 0, *, main_layers: bool = True
+) -> dict[str, torch.Tensor]:
     """A float32 state dict for ``native_model_tensors(config)`` (int64 ``tid2eid``: distinct valid expert ids per
     token), seeded: linears and embeddings ~N(0, 0.02) with every 128x128 block's magnitude spread over +-2 binades
-    (so a wrong block scale shows), norms and hc scales ~1 +- 0.1, other plain tensors distinct and nonzero."""
+    (so a wrong block scale shows), norms and hc scales ~1 +- 0.1, other plain tensors distinct and nonzero.
+    ``main_layers=False``: without ``layers.*`` (the top level and the MTP blocks; other draws than with them)."""
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
-    for name, shape in native_model_tensors(config).items():
+    shapes = {n: s for n, s in native_model_tensors(config).items() if main_layers or not n.startswith("layers.")}
+    for name, shape in shapes.items():
         if name.endswith("tid2eid"):
             vocab, top_k = shape
             rows = [torch.randperm(config["n_routed_experts"], generator=gen)[:top_k] for _ in range(vocab)]

@@ -339,3 +339,151 @@ def _as_modules(t: dict) -> dict:
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --mtp: an MTP block from DeepSeek's release format, and greedy decode with MTP speculative decoding (GPU only)
+
+
+@pytest.fixture(scope="module")
+def cpu_mtp(cpu_source, tmp_path_factory) -> tuple[Path, Path]:
+    """(REF, DST): the cpu size's MTP reference and ``run --mtp-from REF`` of ``cpu_source`` into DST."""
+    from nvfp4_convert.convert import run
+
+    work = tmp_path_factory.mktemp("pf-mtp")
+    ref = tiny_model.write_mtp_reference(tiny_model.SIZES["cpu"], work / "ref")
+    dst = work / "dst"
+    run(cpu_source, dst, Policy("default", "nvfp4"), mtp_from=ref)
+    return ref, dst
+
+
+def test_mtp_reference_is_the_release_format_of_the_sources_dimensions(cpu_source, cpu_mtp):
+    from nvfp4_convert.checkpoint import Checkpoint
+    from nvfp4_convert.inventory import build_inventory
+    from nvfp4_convert.model_shapes import expected_mtp_shapes
+    from nvfp4_convert.mtp import take_mtp
+
+    ref, _ = cpu_mtp
+    rel = load_all(ref)
+    assert not any(n.startswith("layers.") for n in rel)  # the MTP block and the top level only
+    src_cfg = json.loads((cpu_source / "config.json").read_text())
+    ref_cfg = json.loads((ref / "config.json").read_text())
+    assert ref_cfg["num_nextn_predict_layers"] == 1
+    assert all(ref_cfg[k] == src_cfg[k] for k in tiny_model.SIZE_KEYS if k in ref_cfg)
+    expert, dense = "mtp.0.ffn.experts.5.w2", "mtp.0.attn.wq_a"
+    assert rel[f"{expert}.weight"].dtype == torch.int8 and rel[f"{expert}.scale"].dtype == torch.float8_e8m0fnu
+    assert rel[f"{dense}.weight"].dtype == torch.float8_e4m3fn and rel[f"{dense}.scale"].dtype == torch.float8_e8m0fnu
+    src = Checkpoint.open(cpu_source)
+    block = take_mtp(src.config, build_inventory(src), ref)
+    assert block is not None and block.layers == 1
+    assert set(expected_mtp_shapes(src_cfg)) <= {t.name for m in block.modules.values() for t in m.params.values()}
+
+
+def test_run_mtp_from_the_reference_writes_the_whole_block_with_nvfp4_experts(cpu_source, cpu_mtp):
+    from nvfp4_convert.model_shapes import expected_mtp_shapes
+
+    _, dst = cpu_mtp
+    out = {n: t for n, t in load_all(dst).items() if n.startswith("mtp.")}
+    for name in expected_mtp_shapes(json.loads((cpu_source / "config.json").read_text())):
+        assert name in out or name.removesuffix(".weight") + ".weight" in out, name
+    experts = {n.split(".ffn.experts.")[1].split(".")[0] for n in out if ".ffn.experts." in n}
+    assert len(experts) == tiny_model.config_dict(tiny_model.SIZES["cpu"])["n_routed_experts"]
+    assert out["mtp.0.ffn.experts.0.w1.weight_scale_2"].dtype == torch.float32  # NVFP4, as --experts nvfp4
+    assert json.loads((dst / "config.json").read_text())["num_nextn_predict_layers"] == 1
+
+
+def test_the_workers_speculative_arguments_are_what_vllm_accepts(cpu_mtp):
+    """vLLM's own EngineArgs (what ``vllm.LLM`` builds) makes a DeepSeek-V4 MTP draft of them for the converted model."""
+    pytest.importorskip("vllm")
+    from vllm.engine.arg_utils import EngineArgs
+
+    from nvfp4_convert.preflight import worker
+
+    _, dst = cpu_mtp
+    args = check.mtp_args(check.worker_args(Options(mtp=True), "cuda", dst, Path("prompts.json")))
+    kwargs = worker._llm_kwargs(worker.parser().parse_args([*args, "out.json"]))
+    assert kwargs["speculative_config"] == {"method": "mtp", "num_speculative_tokens": 1}
+    assert kwargs["disable_log_stats"] is False  # llm.get_metrics() needs vLLM's statistics
+    spec = EngineArgs(model=str(dst), **kwargs).create_engine_config().speculative_config
+    assert spec.method == "mtp" and spec.num_speculative_tokens == 1
+    assert spec.draft_model_config.architectures == ["DeepSeekV4MTPModel"]
+    plain = worker._llm_kwargs(worker.parser().parse_args([*check.worker_args(Options(), "cuda", dst, Path("p")), "o"]))
+    assert "speculative_config" not in plain
+
+
+def test_spec_decode_counts_sum_vllms_counters_over_engines():
+    pytest.importorskip("vllm")
+    from vllm.v1.metrics.reader import Counter, Gauge, Vector
+
+    from nvfp4_convert.preflight.worker import spec_decode_counts
+
+    metrics = [
+        Counter("vllm:spec_decode_num_drafts", {"engine": "0"}, 40),
+        Counter("vllm:spec_decode_num_draft_tokens", {"engine": "0"}, 40),
+        Counter("vllm:spec_decode_num_accepted_tokens", {"engine": "0"}, 3),
+        Counter("vllm:spec_decode_num_accepted_tokens", {"engine": "1"}, 2),
+        Vector("vllm:spec_decode_num_accepted_tokens_per_pos", {"engine": "0"}, [3]),
+        Vector("vllm:spec_decode_num_accepted_tokens_per_pos", {"engine": "1"}, [2]),
+        Gauge("vllm:num_requests_running", {}, 0.0),
+    ]
+    assert spec_decode_counts(metrics) == {
+        "drafts": 40,
+        "draft_tokens": 40,
+        "accepted_tokens": 5,
+        "accepted_per_position": [5],
+    }
+
+
+def _gens(*tokens: list[int]) -> list[dict]:
+    return [{"tokens": t, "logprobs": [-0.1 * (i + 1) for i in range(len(t))]} for t in tokens]
+
+
+def test_same_tokens_passes_identical_greedy_tokens_and_names_the_first_difference():
+    from nvfp4_convert.preflight.reference import same_tokens
+
+    plain = _gens([5, 6, 7], [8, 9, 10])
+    assert same_tokens(plain, _gens([5, 6, 7], [8, 9, 10])).ok
+    spec = _gens([5, 6, 7], [8, 11, 12])
+    spec[1]["logprobs"][1] = -0.25
+    diff = same_tokens(plain, spec)
+    assert not diff.ok and diff.per_prompt == [3, 1]
+    assert diff.first_difference == {"prompt": 1, "step": 1, "tokens": [9, 11], "logprobs": [-0.2, -0.25]}
+    assert "prompt 1 step 1: 9 without, 11 with" in str(diff)
+    short = same_tokens(plain, _gens([5, 6], [8, 9, 10]))
+    assert not short.ok and short.first_difference["tokens"] == [7, None]
+    assert not same_tokens(_gens([]), _gens([])).ok  # nothing compared is no pass
+
+
+def test_the_verdict_needs_identical_mtp_tokens_as_well():
+    from nvfp4_convert.preflight.reference import Agreement
+
+    good = Agreement(48, 48, 0.01, 0.05, [16, 16, 16])
+    same = {"same_tokens": {"ok": True}}
+    assert check.verdict(good, None) == "PASS" and check.verdict(good, same) == "PASS"
+    assert check.verdict(good, {"same_tokens": {"ok": False}}) == "FAIL"
+    assert check.verdict(Agreement(10, 48, 0.3, 1.0, [4, 3, 3]), same) == "FAIL"
+
+
+def test_the_mtp_table_line_names_the_first_difference_and_the_acceptance():
+    from nvfp4_convert.cli import _mtp_row
+
+    ok = {"same_tokens": {"steps": 48, "per_prompt": [16, 16, 16], "first_difference": None}, "acceptance": None}
+    assert _mtp_row(ok)[:3] == ("mtp vs plain", "48/48 identical", "[16, 16, 16]")
+    bad = {
+        "same_tokens": {"steps": 48, "per_prompt": [16, 3, 16], "first_difference": {"prompt": 1, "step": 3}},
+        "acceptance": {"draft_tokens": 40, "accepted_tokens": 7},
+    }
+    row = _mtp_row(bad)
+    assert row[1] == "35/48 identical (first differs: prompt 1 step 3)" and "accepted 7/40" in row[-1]
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_mtp_on_vllms_cpu_build_is_refused_in_one_line(tmp_path, device):
+    opts = Options(python=_fake_python(tmp_path, CPU_ENV), device=device, mtp=True, workdir=tmp_path / "work")
+    with pytest.raises(Unavailable, match=re.escape("vLLM's CPU build has no DeepSeek-V4 MTP")):
+        preflight(opts, say=lambda m: None)
+    assert not (tmp_path / "work" / "src").exists()
+    result = CliRunner().invoke(app, ["preflight", "--device", device, "--mtp", "--python", opts.python])
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "cannot run: vLLM's CPU build has no DeepSeek-V4 MTP" in lines[0] and "--device cuda" in lines[0]

@@ -10,6 +10,10 @@
 4. Score both against transformers' ``DeepseekV4ForCausalLM`` in float32 holding the source's dequantized
    weights (``reference``). PASS needs the greedy decode to agree, near-ties counted (``reference.Agreement``;
    the prefill score is reported beside it, never enough on its own).
+5. ``--mtp`` (CUDA only: vLLM's CPU build has no DeepSeek-V4 MTP): the source gets a random MTP block in DeepSeek's
+   release format (``tiny_model.write_mtp_reference``), converted with ``--mtp-from`` (MTP experts in the
+   ``--experts`` format); vLLM runs a second time with ``SPECULATIVE_CONFIG`` on the same prompts, and PASS needs
+   its greedy tokens to be exactly those of the first run (``reference.same_tokens``) besides step 4.
 """
 
 from __future__ import annotations
@@ -38,6 +42,13 @@ MIN_VLLM_CUDA = (0, 22)  # moe_quant_algo NVFP4 (CONTRACT.md section 5)
 MIN_VLLM_CPU = (0, 32)  # the first CPU build with a DeepSeek-V4 model
 PROBE_TIMEOUT_S = 300
 RUN_TIMEOUT_S = 1800
+# vLLM's spelling (vllm/config/speculative.py, 0.26 to 0.32): method "mtp" takes the draft from the target checkpoint's
+# mtp.* block (DeepSeek-V4: architecture DeepSeekV4MTPModel); "deepseek_mtp" is a deprecated alias of it.
+SPECULATIVE_CONFIG = {"method": "mtp", "num_speculative_tokens": 1}
+NO_CPU_MTP = (
+    "vLLM's CPU build has no DeepSeek-V4 MTP (vllm/models/deepseek_v4/cpu/mtp.py raises NotImplementedError): "
+    "--mtp needs --device cuda"
+)
 
 # vLLM log lines worth keeping: which kernels and backends it chose.
 BACKEND_LINE = re.compile(r"backend|Kernel for|DeepGEMM|KV cache format|attention", re.IGNORECASE)
@@ -62,6 +73,7 @@ class Options:
     hidden_size: int | None = None  # another hidden size than the device's model size has
     prompt_lengths: tuple[int, ...] | None = None  # other prompts than the size's
     seed: int = 0
+    mtp: bool = False  # also greedy-decode with MTP speculative decoding; its tokens must be exactly the plain ones
     workdir: Path | None = None  # kept; a temporary directory (removed) when None
 
 
@@ -101,6 +113,58 @@ def _worker(python: str, args: list[str], log: Path, timeout: float) -> dict:
         raise ConvertError(f"the vLLM worker's result is not JSON: {e}", file=out) from None
 
 
+def worker_args(opts: Options, device: str, dst: Path, prompts_json: Path) -> list[str]:
+    """``worker.py run`` arguments (before OUT) for the converted checkpoint ``dst``, without speculative decoding."""
+    args = ["run", str(dst), "--prompts", str(prompts_json), "--device", device]
+    args += ["--tensor-parallel-size", str(opts.tensor_parallel_size), "--max-num-seqs", str(opts.max_num_seqs)]
+    if device == "cuda":
+        args += ["--gpu-memory-utilization", str(opts.gpu_memory_utilization)]
+    if opts.enable_expert_parallel:
+        args.append("--enable-expert-parallel")
+    if opts.cuda_graphs:
+        args.append("--cuda-graphs")
+    return args
+
+
+def mtp_args(args: list[str]) -> list[str]:
+    """``args`` (``worker_args``) for the run with MTP speculative decoding (``SPECULATIVE_CONFIG``, no prefill)."""
+    return [*args, "--speculative-config", json.dumps(SPECULATIVE_CONFIG)]
+
+
+def _run_vllm(python: str, args: list[str], log: Path) -> dict:
+    """One ``worker.py run``: its result, or ``Unavailable`` (missing CPU kernels) / ``ConvertError`` (vLLM failed)."""
+    ran = _worker(python, args, log, RUN_TIMEOUT_S)
+    if "missing_kernels" in ran:
+        raise Unavailable(
+            "vLLM's CPU DeepSeek-V4 forward needs kernels of its AVX-512 build, missing on this CPU: "
+            + ", ".join(ran["missing_kernels"])
+        )
+    if "error" in ran:
+        line = ran.get("error_line") or str(ran["error"]).strip().splitlines()[-1][:600]
+        raise ConvertError(f"vLLM refused or failed on the converted model: {line} (log: {log})")
+    return ran
+
+
+def _mtp_run(python: str, args: list[str], work: Path, plain: list[dict], say) -> dict:
+    """vLLM again with MTP speculative decoding; its greedy tokens against ``plain`` (the run without it)."""
+    say(f"running vLLM with speculative decoding {json.dumps(SPECULATIVE_CONFIG)} ...")
+    log = work / "vllm-mtp.log"
+    ran = _run_vllm(python, mtp_args(args), log)
+    return {
+        "speculative_config": SPECULATIVE_CONFIG,
+        "same_tokens": reference.same_tokens(plain, ran["generations"]).as_dict(),
+        "acceptance": ran.get("spec_decode"),
+        "generations": ran["generations"],
+        "backends": backend_lines(log),
+    }
+
+
+def verdict(decode: reference.Agreement, mtp: dict | None) -> str:
+    """PASS when vLLM's greedy decode agrees with the reference and, where ``--mtp`` ran, speculative decoding gave
+    exactly the same tokens (``_mtp_run``'s ``same_tokens``)."""
+    return "PASS" if decode.ok and (mtp is None or mtp["same_tokens"]["ok"]) else "FAIL"
+
+
 def probe(python: str, work: Path) -> dict:
     """What the interpreter that will run vLLM has: versions, GPUs, AVX-512."""
     env = _worker(python, ["probe"], work / "probe.log", PROBE_TIMEOUT_S)
@@ -121,6 +185,8 @@ def resolve_device(env: dict, opts: Options) -> str:
             raise Unavailable(f"--tensor-parallel-size {opts.tensor_parallel_size}, but only {env['gpus']} GPU(s)")
     else:
         need = MIN_VLLM_CPU
+        if opts.mtp:
+            raise Unavailable(NO_CPU_MTP)
         if env.get("platform") != "cpu":
             raise Unavailable(
                 f"--device cpu needs vLLM's CPU build (vllm-cpu); {opts.python} has vLLM {env['vllm']} "
@@ -172,11 +238,13 @@ def _preflight(opts: Options, work: Path, say) -> dict:
         )
     say(f"vLLM {env['vllm']} (torch {env['torch']}) on {env['gpu'] or 'CPU'}: {size.name}-sized model")
 
-    src, dst = work / "src", work / "dst"
-    for d in (src, dst):
+    src, dst, mtp_ref = work / "src", work / "dst", work / "mtp-ref"
+    for d in (src, dst, mtp_ref):
         shutil.rmtree(d, ignore_errors=True)
     tiny_model.write_source(size, src, seed=opts.seed)
-    convert(src, dst, policy)
+    if opts.mtp:
+        tiny_model.write_mtp_reference(size, mtp_ref, seed=opts.seed)
+    convert(src, dst, policy, mtp_from=mtp_ref if opts.mtp else None)  # MTP experts follow --experts
     if opts.planted_fault:
         faults.plant(dst, opts.planted_fault)
         say(f"planted fault: {opts.planted_fault}")
@@ -184,25 +252,11 @@ def _preflight(opts: Options, work: Path, say) -> dict:
     prompts = tiny_model.prompts(size, opts.seed)
     prompts_json = work / "prompts.json"
     prompts_json.write_text(json.dumps({"prompts": prompts, "max_tokens": size.max_tokens}))
-    args = ["run", str(dst), "--prompts", str(prompts_json), "--device", device]
-    args += ["--tensor-parallel-size", str(opts.tensor_parallel_size), "--max-num-seqs", str(opts.max_num_seqs)]
-    if device == "cuda":
-        args += ["--gpu-memory-utilization", str(opts.gpu_memory_utilization)]
-    if opts.enable_expert_parallel:
-        args.append("--enable-expert-parallel")
-    if opts.cuda_graphs:
-        args.append("--cuda-graphs")
+    args = worker_args(opts, device, dst, prompts_json)
     say("running vLLM ...")
     log = work / "vllm.log"
-    ran = _worker(opts.python, args, log, RUN_TIMEOUT_S)
-    if "missing_kernels" in ran:
-        raise Unavailable(
-            "vLLM's CPU DeepSeek-V4 forward needs kernels of its AVX-512 build, missing on this CPU: "
-            + ", ".join(ran["missing_kernels"])
-        )
-    if "error" in ran:
-        line = ran.get("error_line") or str(ran["error"]).strip().splitlines()[-1][:600]
-        raise ConvertError(f"vLLM refused or failed on the converted model: {line} (log: {log})")
+    ran = _run_vllm(opts.python, args, log)
+    mtp = _mtp_run(opts.python, args, work, ran["generations"], say) if opts.mtp else None
 
     say("scoring against transformers (float32) ...")
     model = reference.source_model(src)
@@ -210,8 +264,9 @@ def _preflight(opts: Options, work: Path, say) -> dict:
     decode = reference.score_decode(steps, ran["generations"])
     prefill = reference.score_prefill(steps, ran["generations"], ran["prefill"])
     return {
-        "verdict": "PASS" if decode.ok else "FAIL",
+        "verdict": verdict(decode, mtp),
         "decode": decode.as_dict(),
+        "mtp": mtp,
         "prefill": prefill.as_dict(),
         "decode_vs_prefill": reference.decode_vs_prefill(ran["generations"], ran["prefill"]).as_dict(),
         "device": device,

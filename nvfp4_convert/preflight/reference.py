@@ -9,6 +9,7 @@
   ``score_prefill`` does the same for the per-position top-1 and logprob vLLM computed in one prefill
   (``prompt_logprobs``) of prompt + generated tokens.
 - ``decode_vs_prefill``: the same comparison of vLLM's decode against vLLM's own prefill (no reference).
+- ``same_tokens``: vLLM with MTP speculative decoding against vLLM without it: exactly the same greedy tokens?
 - ``Agreement.ok``: at least 7/8 of the steps agree (42 of 48) and the median |delta logprob| < 0.05. A step
   agrees when vLLM's token is the reference's greedy token, or a near-tie: the reference ranks it less than
   ``TIE_NATS`` below its own greedy token, 0.05 nats, the logprob error the verdict accepts anyway (two tokens
@@ -213,3 +214,58 @@ def score_prefill(reference_steps: list[torch.Tensor], generations: list[dict], 
         for steps, gen, row in zip(reference_steps, generations, prefill, strict=True)
     ]
     return _agreement(rows)
+
+
+@dataclass
+class SameTokens:
+    """Greedy tokens of two vLLM runs compared exactly (``same_tokens``); ``first_difference`` None when identical."""
+
+    steps: int  # steps compared (the plain run's)
+    per_prompt: list[int]  # leading steps identical, per prompt
+    first_difference: dict | None = None  # prompt, step, both tokens and (where recorded) both logprobs
+
+    @property
+    def ok(self) -> bool:
+        return self.steps > 0 and self.first_difference is None
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+    def __str__(self) -> str:
+        if self.first_difference is None:
+            return f"{self.steps}/{self.steps} greedy tokens identical"
+        d = self.first_difference
+        return (
+            f"tokens differ first at prompt {d['prompt']} step {d['step']}: {d['tokens'][0]} without, "
+            f"{d['tokens'][1]} with speculative decoding (logprobs {d['logprobs']})"
+        )
+
+
+def same_tokens(plain: list[dict], spec: list[dict]) -> SameTokens:
+    """``spec``'s greedy tokens (per prompt ``{"tokens", "logprobs"}``) against ``plain``'s, exactly; a missing or
+    extra token counts as a difference at its step."""
+    if len(plain) != len(spec):
+        raise ValueError(f"{len(plain)} prompts without speculative decoding, {len(spec)} with it")
+    per_prompt, first = [], None
+    for k, (a, b) in enumerate(zip(plain, spec, strict=True)):
+        n = max(len(a["tokens"]), len(b["tokens"]))
+        same = next((i for i in range(n) if _token_at(a, i) != _token_at(b, i)), n)
+        per_prompt.append(same)
+        if same < n and first is None:
+            first = {
+                "prompt": k,
+                "step": same,
+                "tokens": [_token_at(a, same), _token_at(b, same)],
+                "logprobs": [_logprob_at(a, same), _logprob_at(b, same)],
+            }
+    return SameTokens(sum(len(g["tokens"]) for g in plain), per_prompt, first)
+
+
+def _token_at(generation: dict, step: int) -> int | None:
+    tokens = generation["tokens"]
+    return tokens[step] if step < len(tokens) else None
+
+
+def _logprob_at(generation: dict, step: int) -> float | None:
+    logprobs = generation.get("logprobs") or []
+    return logprobs[step] if step < len(logprobs) else None

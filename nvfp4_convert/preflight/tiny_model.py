@@ -16,6 +16,11 @@ ranks, and hidden 2048, the narrowest residual stream vLLM's CUDA decode compute
 Weights are random (seeded): linears N(0, 0.02) as transformers initialises them, routed experts wider and
 weighted more (``EXPERT_STD``, ``ROUTED_SCALING``) so that the experts move the logits; ``input_scale`` is
 calibrated like ModelOpt does (amax of each linear's input over random tokens / (6 * 448)).
+
+``write_mtp_reference(size, dst)`` writes the MTP block the source lacks (transformers' DeepSeek-V4 has none, so
+ModelOpt exports none): ``mtp.0.*`` and the top level (embeddings, head), no ``layers.*``, random, in DeepSeek's
+release format (FP8 dense with e8m0 block scales,
+MXFP4 routed experts; ``release_format``) for the same dimensions, the reference of ``run --mtp-from``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any
 import torch
 
 from ..codecs import E4M3_MAX, FP4_MAX, quantize_nvfp4
+from ..release_format import random_native_state, release_config, write_release
 
 # Routed experts drawn wider than transformers' 0.02 and weighted 6x (V4: 1.5 to 2.5) so that they carry a large
 # share of each layer's output: a fault in them must move the greedy tokens. Wider still, the random model turns
@@ -335,4 +341,15 @@ def write_source(size: Size, dst: Path, seed: int = 0) -> Path:
     }
     (dst / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=2))
     (dst / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}, indent=2))
+    return dst
+
+
+def write_mtp_reference(size: Size, dst: Path, seed: int = 0) -> Path:
+    """Write into ``dst`` DeepSeek's release format of one random MTP block (``mtp.0.*`` and the top-level tensors that
+    mark the naming, no main layers; seeded) of ``size``'s model: ``run --mtp-from``'s reference for the source
+    ``write_source(size, ...)`` writes."""
+    from transformers import DeepseekV4Config
+
+    config = release_config(DeepseekV4Config(**config_dict(size)).to_dict(), mtp_layers=1)
+    write_release(random_native_state(config, seed, main_layers=False), config, dst)
     return dst

