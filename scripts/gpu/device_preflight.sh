@@ -4,7 +4,7 @@
 # for each RUN argument, written NAME=POLICY:EXPERTS[:FAULT][:OPTIONS] (FAULT "-" for none; OPTIONS words joined
 # by "+", so values may hold commas), e.g.
 #   bash scripts/gpu/device_preflight.sh default-nvfp4=default:nvfp4 fault-swap=default:nvfp4:compressor_wkv_wgate_swapped \
-#        short=default:nvfp4:-:--prompt-lengths+1,4,16
+#        short=default:nvfp4:-:--prompt-lengths+1,4,16 mtp-nvfp4=default:nvfp4:-:--mtp
 # Everything comes back in $OUT/<first run name>.tgz: per run its JSON, console output and vLLM's log (every
 # run of this machine so far). Runs go one after another: four at once (each process builds the source with a torch
 # thread per core) spent a whole 600 s call without reaching vLLM.
@@ -35,8 +35,9 @@ run_one() {  # one NAME=POLICY:EXPERTS[:FAULT][:OPTIONS] spec
   python3 -m nvfp4_convert preflight "${args[@]}" >"$RES/$name.console.txt" 2>&1
   rc=$?
   cp "/root/pf/$name/vllm.log" "$RES/$name.vllm.log" 2>/dev/null
+  cp "/root/pf/$name/vllm-mtp.log" "$RES/$name.vllm-mtp.log" 2>/dev/null  # --mtp: the speculative-decoding run
   echo "$name rc=$rc $(( $(date +%s) - t0 ))s: $(grep -E 'verdict|cannot run|error' "$RES/$name.console.txt" | tail -1)"
-  grep -E '^│ (decode|prefill)' "$RES/$name.console.txt"
+  grep -E '^│ (decode|prefill|mtp)' "$RES/$name.console.txt"
 }
 
 for spec in "$@"; do run_one "$spec"; pack; done
