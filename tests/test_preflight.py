@@ -487,3 +487,23 @@ def test_mtp_on_vllms_cpu_build_is_refused_in_one_line(tmp_path, device):
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert result.exit_code == 2 and len(lines) == 1, result.output
     assert "cannot run: vLLM's CPU build has no DeepSeek-V4 MTP" in lines[0] and "--device cuda" in lines[0]
+
+
+def test_the_mtp_run_asks_the_worker_for_speculative_decoding_and_compares_exactly(tmp_path):
+    """A stand-in interpreter answers ``worker.py run ... --speculative-config JSON OUT`` (and records its argv)."""
+    spec = {"generations": _gens([5, 6, 7], [8, 9, 12]), "spec_decode": {"drafts": 6, "accepted_tokens": 1}}
+    exe = tmp_path / "python"
+    exe.write_text(
+        f"#!{sys.executable}\nimport json, sys\nopen({str(tmp_path / 'argv')!r}, 'w').write(json.dumps(sys.argv))\n"
+        f"open(sys.argv[-1], 'w').write({json.dumps(spec)!r})\n"
+    )
+    exe.chmod(0o755)
+    args = check.worker_args(Options(), "cuda", tmp_path / "dst", tmp_path / "prompts.json")
+    mtp = check._mtp_run(str(exe), args, tmp_path, _gens([5, 6, 7], [8, 9, 10]), say=lambda m: None)
+    argv = json.loads((tmp_path / "argv").read_text())
+    i = argv.index("--speculative-config")
+    assert json.loads(argv[i + 1]) == check.SPECULATIVE_CONFIG == {"method": "mtp", "num_speculative_tokens": 1}
+    assert argv[2:i] == args  # the plain run's arguments, then the speculative config
+    assert mtp["acceptance"] == spec["spec_decode"] and mtp["generations"] == spec["generations"]
+    assert not mtp["same_tokens"]["ok"] and mtp["same_tokens"]["first_difference"]["step"] == 2
+    assert (tmp_path / "vllm-mtp.log").exists()
