@@ -77,7 +77,8 @@ appended to the quant config and is exported BF16 (ModelOpt then lists it in
     FP8), ``nvfp4-bs32`` (NVFP4 block 32 except routed experts), ``experts-w4a16``
     (routed experts without ``input_quantizer``), ``nvfp4-embed-lm-head``
     (``lm_head`` and ``embed_tokens`` NVFP4 too), ``nvfp4-fp32`` (model built with
-    ``dtype=float32``). ``tests/fixtures/README.md`` documents each.
+    ``dtype=float32``), ``nvfp4-awq`` (``NVFP4_AWQ_LITE_CFG``; two runtime patches of ModelOpt, see
+    ``awq_patches``). ``tests/fixtures/README.md`` documents each.
 
 Made with (CPU only): Python 3.11.7, torch 2.13.0+cpu, transformers 5.24.0,
 nvidia-modelopt 0.45.0, safetensors 0.8.0, numpy 2.4.6 (requests 2.34.2, needed
@@ -91,6 +92,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -157,6 +159,7 @@ class FixtureSpec:
     num_shards: int = 1
     quant_cfg: dict | None = None  # None: ``quant_config(bf16_o_a_layers)``
     dtype: torch.dtype = torch.bfloat16
+    patches: Callable[[], contextlib.AbstractContextManager] | None = None  # runtime patches of ModelOpt, if any
 
 
 def tiny_config() -> DeepseekV4Config:
@@ -314,18 +317,17 @@ def write_export(spec: FixtureSpec, seed: int, out_root: Path) -> dict[str, torc
     reference = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     enable_o_a_proj_quantization(model)
     loop = make_forward_loop(spec.config.vocab_size, spec.calib_batches, spec.calib_tokens, seed)
-    with warnings.catch_warnings():
+    patches = spec.patches() if spec.patches is not None else contextlib.nullcontext()
+    with patches, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cfg = spec.quant_cfg if spec.quant_cfg is not None else quant_config(spec.bf16_o_a_layers)
         model = mtq.quantize(model, cfg, loop)
-    dest = out_root / spec.name
-    if dest.exists():
-        shutil.rmtree(dest)
-    with tempfile.TemporaryDirectory() as tmp:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        dest = out_root / spec.name
+        if dest.exists():
+            shutil.rmtree(dest)
+        with tempfile.TemporaryDirectory() as tmp:
             export_hf_checkpoint(model, export_dir=tmp, max_shard_size=spec.max_shard_size)
-        shutil.copytree(tmp, dest)
+            shutil.copytree(tmp, dest)
     _make_readable(dest)
     shards = sorted(dest.glob("*.safetensors"))
     if len(shards) != spec.num_shards:
@@ -701,11 +703,53 @@ def recipe_embed_lm_head() -> dict:
     return cfg
 
 
+def _cpu_nvfp4_fake_quant(inputs: torch.Tensor, block_size: int, amax: torch.Tensor, bias, num_bits, scale_bits, *_):
+    """NVFP4 fake quantization on CPU with ModelOpt's own ``NVFP4QTensor`` (quantize, then dequantize): global scale
+    ``amax / (6 * 448)``, e4m3 block scales, E2M1 values, as ModelOpt's CUDA/Triton kernel computes them."""
+    assert num_bits == (2, 1) and scale_bits == (4, 3), (num_bits, scale_bits)
+    ws2 = amax.float().reshape(()) / (6.0 * 448.0)
+    q, ws, ws2 = NVFP4QTensor.quantize(inputs.float(), block_size, weights_scaling_factor_2=ws2)
+    x = q.dequantize(dtype=torch.float32, scale=ws, double_scale=ws2, block_sizes={-1: block_size})
+    return x.to(inputs.dtype)
+
+
+@contextlib.contextmanager
+def awq_patches():
+    """The two runtime patches ``nvfp4-awq`` needs with stock ModelOpt 0.45 on this CPU-only machine (undone after):
+
+    1. ``awq_lite``'s search runs the model with NVFP4 fake quantization, which ModelOpt only implements in CUDA/Triton
+       (``tensor_quant._dynamic_block_quantize_impl``: "amax must be a CUDA tensor for dynamic block quantization"):
+       ``tensor_quantizer.dynamic_block_quant`` is replaced by ``_cpu_nvfp4_fake_quant``. Calibration only; the
+       exported tensors are packed by ModelOpt's unchanged exporter.
+    2. Expert discovery: ``export_hf_checkpoint`` groups the experts of each MoE block to average their
+       ``pre_quant_scale`` (``export/layer_utils.get_experts_list``), which knows Mixtral, Qwen-MoE, NemotronH and
+       Gemma4 only and raises ``NotImplementedError: deepseekv4forcausallm not supported``. For DeepSeek-V4 it returns
+       no groups (transformers' ``DeepseekV4Experts`` are fused, handled by ModelOpt's ``_QuantFusedExperts``), so
+       that averaging step is skipped; every other model type is unchanged.
+    """
+    from modelopt.torch.export import unified_export_hf
+    from modelopt.torch.quantization.nn.modules import tensor_quantizer
+
+    fake_quant, experts_list = tensor_quantizer.dynamic_block_quant, unified_export_hf.get_experts_list
+
+    def get_experts_list(module: nn.Module, model_type: str) -> list:
+        return [] if "deepseekv4" in model_type else experts_list(module, model_type)
+
+    tensor_quantizer.dynamic_block_quant = _cpu_nvfp4_fake_quant
+    unified_export_hf.get_experts_list = get_experts_list
+    try:
+        yield
+    finally:
+        tensor_quantizer.dynamic_block_quant, unified_export_hf.get_experts_list = fake_quant, experts_list
+
+
 def recipe_specs() -> list[FixtureSpec]:
     """One spec per recipe fixture, written to ``recipes/<name>/``."""
 
-    def spec(name: str, cfg: dict, dtype: torch.dtype = torch.bfloat16) -> FixtureSpec:
-        return FixtureSpec(name=f"{RECIPES_DIR}/{name}", config=tiny_config(), quant_cfg=cfg, dtype=dtype)
+    def spec(name: str, cfg: dict, dtype: torch.dtype = torch.bfloat16, patches=None) -> FixtureSpec:
+        return FixtureSpec(
+            name=f"{RECIPES_DIR}/{name}", config=tiny_config(), quant_cfg=cfg, dtype=dtype, patches=patches
+        )
 
     return [
         spec("nvfp4-kv-fp8", recipe_kv_fp8()),
@@ -714,6 +758,7 @@ def recipe_specs() -> list[FixtureSpec]:
         spec("experts-w4a16", recipe_experts_w4a16()),
         spec("nvfp4-embed-lm-head", recipe_embed_lm_head()),
         spec("nvfp4-fp32", dict(mtq.NVFP4_DEFAULT_CFG), dtype=torch.float32),
+        spec("nvfp4-awq", dict(mtq.NVFP4_AWQ_LITE_CFG), patches=awq_patches),
     ]
 
 
