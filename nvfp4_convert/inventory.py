@@ -6,7 +6,8 @@ the config (CONTRACT.md section 1): the ``formats`` registry recognises it (``nv
 tensors are modules of format ``tensor`` with a single unnamed parameter.
 
 The embedding and ``lm_head`` are plain tensors, or, when ModelOpt quantized them (scales beside the weight), modules
-of role ``embedding`` / ``head`` in the format their tensors claim. Each module records the algorithm ModelOpt's
+of role ``embedding`` / ``head`` in the format their tensors claim. A linear may carry ModelOpt AWQ's
+``pre_quant_scale`` beside its format's tensors (checked here, folded where it is decoded: ``formats.base``). Each module records the algorithm ModelOpt's
 ``quantization_config`` declares for it (``quant_algo``: ``NVFP4``, ``W4A16_NVFP4``, ``W4A8_NVFP4_FP8``, ...), which
 planning uses to name a recipe it refuses.
 
@@ -24,6 +25,7 @@ from enum import Enum
 from . import formats
 from .checkpoint import Checkpoint
 from .errors import ConvertError
+from .formats.base import check_pre_quant_scale
 from .naming import LINEAR_PARAMS, Naming, detect_naming, native_name
 from .safetensors_io import TensorInfo
 
@@ -120,7 +122,7 @@ KV_CACHE_SCALE = re.compile(r"(model\.)?layers\.\d+\.self_attn\.(k_proj\.k|v_pro
 # ``quantizer_attr_names`` and ``postprocess_state_dict``): suffix -> what it is. A source holding one stops, named.
 MODELOPT_KINDS: dict[str, str] = {
     "pre_quant_scale": "AWQ/SmoothQuant pre_quant_scale (per-input-channel activation smoothing; recipes "
-    "NVFP4_AWQ, INT4_AWQ, W4A8_AWQ, INT8_SQ): not converted",
+    "NVFP4_AWQ, INT4_AWQ, W4A8_AWQ, INT8_SQ) on a module that is no linear: not converted",
     "output_scale": "output activation scale: not converted",
     "k_bias": "KV-cache quantization bias (affine KV cache): not converted",
     "v_bias": "KV-cache quantization bias (affine KV cache): not converted",
@@ -245,8 +247,14 @@ def _linear_module(module: str, params: dict[str, TensorInfo], config: dict | No
         raise ConvertError(f"{sorted(params)} present but no weight for {module}", file=some.file, tensor=some.name)
     if len(weight.shape) != 2:
         raise ConvertError(f"linear weight must be 2-D, got {list(weight.shape)}", file=weight.file, tensor=weight.name)
-    fmt = formats.recognise(params)
-    scalars = fmt.validate(module, params)
+    own = {p: info for p, info in params.items() if p != formats.PRE_QUANT_SCALE}  # the format's tensors
+    fmt = formats.recognise(own)
+    scalars = fmt.validate(module, own)
+    awq = params.get(formats.PRE_QUANT_SCALE)
+    if awq is not None:  # ModelOpt AWQ: folded into the weight wherever it is decoded (``formats.base``)
+        if role == Role.EMBEDDING:
+            raise ConvertError("pre_quant_scale on an embedding: not converted", file=awq.file, tensor=awq.name)
+        check_pre_quant_scale(awq, fmt.logical_shape(own)[1])
     algo = modelopt_algo(config or {}, weight.name.removesuffix(".weight"))
     return Module(module, role, fmt.name, dict(params), scalars.global_scale, scalars.input_scale, algo)
 

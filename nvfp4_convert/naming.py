@@ -15,8 +15,8 @@ from typing import Literal
 
 Naming = Literal["transformers", "native"]
 
-# Parameters of a (possibly ModelOpt-quantized) linear module.
-LINEAR_PARAMS = ("weight", "weight_scale", "weight_scale_2", "input_scale", "scale")
+# Parameters of a (possibly ModelOpt-quantized) linear module (``pre_quant_scale``: ModelOpt AWQ).
+LINEAR_PARAMS = ("weight", "weight_scale", "weight_scale_2", "input_scale", "scale", "pre_quant_scale")
 _P = f"({'|'.join(LINEAR_PARAMS)})"
 
 # Linear modules inside one decoder layer: transformers path -> native path.

@@ -34,7 +34,7 @@ from .codecs import (
     nvfp4_global_exponent,
 )
 from .errors import ConvertError
-from .formats import DENSE, FORMATS, FP8_BLOCK_FORMAT, NVFP4
+from .formats import DENSE, FORMATS, FP8_BLOCK_FORMAT, NVFP4, PRE_QUANT_SCALE
 from .formats import nvfp4 as nvfp4_format
 from .inventory import Inventory, Module, Role
 from .mtp import exponent_counts
@@ -142,6 +142,9 @@ class Plan:
 
 
 _DROP_INPUT_SCALE = "activation scale of {}; the FP8/BF16 output quantizes activations dynamically"
+_FOLD_PRE_QUANT_SCALE = (
+    "AWQ pre_quant_scale folded into the weight (its value x pre_quant_scale per input column, float32)"
+)
 KEPT_EXPERT_FORMAT = NVFP4  # routed experts kept quantized are written in it (vLLM's ModelOpt NVFP4 MoE)
 
 
@@ -270,7 +273,8 @@ def _convert(plan: Plan, module: Module, target: str) -> None:
         Account(sources[0].name, action, names, f"{module.format} -> {target}", role, sources[0].nbytes)
     )
     for extra in sources[1:]:
-        plan.accounts.append(Account(extra.name, "consumed", names, f"scale of {sources[0].name}", role, extra.nbytes))
+        reason = _FOLD_PRE_QUANT_SCALE if extra.name.endswith(PRE_QUANT_SCALE) else f"scale of {sources[0].name}"
+        plan.accounts.append(Account(extra.name, "consumed", names, reason, role, extra.nbytes))
     if "input_scale" in module.params:
         info = module.params["input_scale"]
         reason = _DROP_INPUT_SCALE.format(f"a {FORMATS[module.format].label} linear")
@@ -281,19 +285,27 @@ def refuse_unservable_experts(kept: list[Module]) -> None:
     """Refuse routed experts that would be kept quantized but that vLLM's NVFP4 MoE cannot serve as they are,
     naming ModelOpt's recipe and what ``--experts bf16`` would cost instead: weight-only experts (W4A16, no
     ``input_scale``: vLLM would leave its activation scale uninitialised) and W4A8 recipes (their ``input_scale``
-    is an FP8 activation scale, which vLLM would read as NVFP4's)."""
+    is an FP8 activation scale, which vLLM would read as NVFP4's) and AWQ experts (a ``pre_quant_scale``, which
+    vLLM's NVFP4 MoE would not apply; ``--experts bf16`` folds it into the BF16 weight). The error names the first
+    such expert's ``pre_quant_scale`` (AWQ) or ``weight``."""
+    awq = [m for m in kept if PRE_QUANT_SCALE in m.params]
     w4a8 = [m for m in kept if (m.quant_algo or "").upper().startswith("W4A8")]
     weight_only = [m for m in kept if "input_scale" not in m.params]
     for bad, what in (
+        (
+            awq,
+            "AWQ (ModelOpt {algo}: a pre_quant_scale, per-input-channel activation smoothing that vLLM's NVFP4 MoE "
+            "does not apply)",
+        ),
         (w4a8, "ModelOpt {algo} (W4A8: FP8 activations; vLLM's NVFP4 MoE would read its FP8 input_scale as NVFP4's)"),
         (weight_only, "weight-only (ModelOpt {algo}, W4A16: no input_scale, which vLLM's NVFP4 MoE needs)"),
     ):
         if not bad:
             continue
-        first = bad[0].params["weight"]
+        first = bad[0].params[PRE_QUANT_SCALE if bad is awq else "weight"]
         as_bf16 = sum(2 * m.shape[0] * m.shape[1] for m in kept)
         as_is = sum(m.source_bytes for m in kept)
-        algo = bad[0].quant_algo or ("W4A16_NVFP4" if bad is weight_only else "W4A8")
+        algo = bad[0].quant_algo or {id(awq): "NVFP4_AWQ", id(weight_only): "W4A16_NVFP4"}.get(id(bad), "W4A8")
         raise ConvertError(
             f"{len(bad)} routed expert linear(s) are {what.format(algo=algo)}: refused; convert with --experts bf16 "
             f"(routed experts dequantized to BF16: {human_bytes(as_bf16)} instead of {human_bytes(as_is)}, "

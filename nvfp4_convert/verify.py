@@ -35,7 +35,7 @@ from .codecs import FP8_BLOCK, dequantize_fp8_block, fp8_scale_shape, is_power_o
 from .config_emit import quantization_config, vllm_config
 from .direct_io import CACHED_ENOUGH, Range, cached_fraction, differences, reads_direct
 from .errors import ConvertError
-from .formats import DENSE, FORMATS, FP8_BLOCK_FORMAT, NVFP4, decode_rows, of_sources
+from .formats import DENSE, FORMATS, FP8_BLOCK_FORMAT, NVFP4, PRE_QUANT_SCALE, decode_rows, of_sources
 from .formats import nvfp4 as nvfp4_format
 from .inventory import Inventory, Module, Role, build_inventory
 from .metrics import output_weight, weight_errors
@@ -153,6 +153,9 @@ def _check_config(cfg: dict[str, Any]) -> list[Finding]:
 
 
 def _check_module_format(m: Module) -> list[Finding]:
+    awq = m.params.get(PRE_QUANT_SCALE)
+    if awq is not None:
+        return [Finding("no pre_quant_scale", awq.name, ok=False, detail="AWQ scale left on a module: vLLM ignores it")]
     expert = m.role == Role.ROUTED_EXPERT
     fmt = FORMATS[m.format]
     if not fmt.output and not (expert and fmt is NVFP4):

@@ -8,8 +8,11 @@
 - ``nvfp4-embed-lm-head``: the NVFP4 embedding and ``lm_head`` are written BF16, bit-exact.
 - ``experts-w4a16`` (experts without ``input_scale``) is refused by name with what ``--experts bf16`` costs, which then
   converts; a W4A8 recipe (synthetic: the config says ``W4A8_NVFP4_FP8``) is refused by name likewise.
-- Any other ModelOpt tensor kind (``pre_quant_scale``, ``k_bias``, a scale on an unquantizable module) stops the run
-  naming what it is.
+- ``nvfp4-awq`` (``NVFP4_AWQ_LITE_CFG``; ModelOpt patched to run, see the fixtures README): each ``pre_quant_scale``
+  (non-expert linears) is folded exactly, ``decode(W) * pre_quant_scale`` per input column in float32, before BF16/FP8.
+  AWQ routed experts kept NVFP4 (synthetic: this export has none) are refused by name; ``--experts bf16`` folds them.
+- Any other ModelOpt tensor kind (``output_scale``, ``k_bias``, a scale or ``pre_quant_scale`` on an unquantizable
+  module) stops the run naming what it is.
 
 Expected values are computed here (``helpers.modelopt_value``) and, for FP8, by the installed vLLM.
 """
@@ -55,13 +58,21 @@ def _linears(src: dict[str, torch.Tensor], kind: str) -> list[str]:
     )
 
 
+def _awq_value(src: dict[str, torch.Tensor], module: str) -> torch.Tensor:
+    """``modelopt_value`` times the module's AWQ ``pre_quant_scale`` per input column (float32), when it has one."""
+    x = modelopt_value(src, module)
+    s = src.get(f"{module}.pre_quant_scale")
+    return x if s is None else x * s.to(torch.float32)[None, :]
+
+
 def _assert_written_as_policy_says(src: dict, out: dict, modules: list[str]) -> tuple[int, int]:
-    """Each module's output equals its exact decoded value: BF16 bit for bit (zero signs aside), FP8 byte for byte
-    vLLM's ``per_block_cast_to_fp8(x, [128, 128], use_ue8m0=True)``. Returns (BF16, FP8) counts."""
+    """Each module's output equals its exact decoded value (AWQ ``pre_quant_scale`` folded): BF16 bit for bit (zero
+    signs aside), FP8 byte for byte vLLM's ``per_block_cast_to_fp8(x, [128, 128], use_ue8m0=True)``. Returns (BF16,
+    FP8) counts."""
     bf16 = fp8 = 0
     for module in modules:
         native = to_native(f"{module}.weight").removesuffix(".weight")
-        x = modelopt_value(src, module)
+        x = _awq_value(src, module)
         got = out[f"{native}.weight"]
         if got.dtype == torch.bfloat16:
             want = x.to(torch.bfloat16)
@@ -228,7 +239,8 @@ def test_a_w4a8_recipe_is_refused_by_name(tmp_path):
 @pytest.mark.parametrize(
     ("name", "what"),
     [
-        ("model.layers.0.self_attn.q_a_proj.pre_quant_scale", "ModelOpt pre_quant_scale on model.layers.0.self_attn.q_a_proj (quant_algo NVFP4): AWQ/SmoothQuant"),
+        ("model.layers.0.self_attn.q_a_proj.output_scale", "ModelOpt output_scale on model.layers.0.self_attn.q_a_proj (quant_algo NVFP4): output activation scale"),
+        ("model.norm.pre_quant_scale", "ModelOpt pre_quant_scale on model.norm (quant_algo NVFP4): AWQ/SmoothQuant"),
         ("model.layers.1.self_attn.k_proj.k_bias", "ModelOpt k_bias on model.layers.1.self_attn.k_proj (quant_algo NVFP4): KV-cache quantization bias"),
         ("model.norm.weight_scale", "ModelOpt weight_scale on model.norm (quant_algo NVFP4): weight quantization scale on a module"),
     ],
@@ -238,3 +250,52 @@ def test_another_modelopt_tensor_kind_is_named_for_what_it_is(tmp_path, name, wh
     line = _refused(src, tmp_path / "dst")
     assert name in line and what in line
     assert "no DeepSeek-V4 naming rule" not in line
+
+
+@pytest.mark.parametrize("policy", ["default", "fp8"])
+def test_awq_pre_quant_scale_is_folded_exactly_and_written_as_the_policy_says(convert_once, policy):
+    src_dir = RECIPES / "nvfp4-awq"
+    dst = convert_once(src_dir, policy, "nvfp4")
+    _ok(dst, src_dir)
+    src, out = load_all(src_dir), load_all(dst)
+    awq = sorted(n.removesuffix(".pre_quant_scale") for n in src if n.endswith(".pre_quant_scale"))
+    assert awq and not [m for m in awq if ".mlp.experts." in m]
+    modules = _linears(src, "nvfp4")
+    assert set(awq) <= set(modules) and len(modules) == 46
+    bf16, fp8 = _assert_written_as_policy_says(src, out, modules)
+    assert bf16 + fp8 == 46 and fp8 > 0
+    as_fp8 = [m for m in awq if out[to_native(f"{m}.weight")].dtype == torch.float8_e4m3fn]
+    assert as_fp8 and (len(as_fp8) < len(awq)) == (policy == "default")  # default: BF16 attention but wo_a
+    accounts = _accounts(dst)
+    for module in awq:
+        folded = accounts[f"{module}.pre_quant_scale"]
+        assert folded["action"] == "consumed" and "pre_quant_scale folded" in folded["reason"]
+    assert not any(n.endswith("pre_quant_scale") for n in out)
+    experts = [n for n in src if ".mlp.experts." in n]  # no AWQ scale: bytes kept
+    assert all(_same_bytes(out[to_native(n)], src[n]) for n in experts)
+
+
+def _awq_experts(t: dict[str, torch.Tensor]) -> None:
+    """Layer 0's routed experts get an AWQ ``pre_quant_scale`` [in] (BF16, positive, as ModelOpt writes them)."""
+    gen = torch.Generator().manual_seed(12)
+    for n in [n for n in t if n.startswith("model.layers.0.mlp.experts.") and n.endswith(".weight")]:
+        cols = t[n].shape[1] * 2
+        t[n.replace(".weight", ".pre_quant_scale")] = (0.5 + torch.rand(cols, generator=gen)).to(torch.bfloat16)
+
+
+def test_awq_routed_experts_kept_nvfp4_are_refused_by_name_and_fold_with_bf16_experts(tmp_path):
+    """Synthetic: ModelOpt's export of this model puts no pre_quant_scale on the routed experts."""
+    src_dir = mutated_copy(RECIPES / "nvfp4-awq", tmp_path / "src", _awq_experts)
+    line = _refused(src_dir, tmp_path / "dst")
+    assert "model.layers.0.mlp.experts.0.gate_proj.pre_quant_scale" in line and str(src_dir) in line
+    assert "12 routed expert linear(s) are AWQ" in line and "--experts bf16" in line
+    dst = tmp_path / "bf16"
+    result = CliRunner().invoke(app, ["run", str(src_dir), str(dst), "--quiet", "--experts", "bf16"])
+    assert result.exit_code == 0, result.output
+    _ok(dst, src_dir)
+    src, out = load_all(src_dir), load_all(dst)
+    experts = sorted({n.rsplit(".", 1)[0] for n in src if n.startswith("model.layers.0.mlp.experts.")})
+    assert len(experts) == 12
+    for module in experts:
+        native = to_native(f"{module}.weight")
+        assert torch.equal(out[native], _awq_value(src, module).to(torch.bfloat16)), native

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import ConvertError
 from ..safetensors_io import TORCH_TO_ST, TensorInfo
-from .base import Format, Params, Scalars
+from .base import PRE_QUANT_SCALE, Format, Params, Scalars, fold_pre_quant_scale
 from .dense import DENSE
 from .fp8_block import FP8_BLOCK_FORMAT
 from .fp8_tensor import FP8_TENSOR
@@ -42,6 +42,7 @@ __all__ = [
     "MXFP4",
     "NVFP4",
     "NVFP4_32",
+    "PRE_QUANT_SCALE",
     "Format",
     "Params",
     "Scalars",
@@ -86,15 +87,17 @@ def of_sources(sources: tuple[TensorInfo, ...]) -> tuple[Format, dict[str, Tenso
 def decode_rows(sources: tuple[TensorInfo, ...], r0: int, r1: int) -> torch.Tensor:
     """float32 rows ``[r0, r1)`` of a linear from its decode sources (weight first; any format).
 
-    A NaN or infinite value (from the weight or any of its scales) stops the run naming the tensor and element.
+    An AWQ ``pre_quant_scale`` among the sources is folded in (``base.fold_pre_quant_scale``). A NaN or infinite
+    value (from the weight or any of its scales) stops the run naming the tensor and element.
     """
     fmt, params = of_sources(sources)
-    return _finite(fmt.decode_rows(params, r0, r1), params["weight"], r0)
+    return _finite(fold_pre_quant_scale(fmt.decode_rows(params, r0, r1), params), params["weight"], r0)
 
 
 def decode_module(fmt: Format, params: Params) -> torch.Tensor:
-    """float32 value of a whole linear."""
-    return _finite(fmt.decode_rows(params, 0, fmt.logical_shape(params)[0]), params["weight"], 0)
+    """float32 value of a whole linear (its ``pre_quant_scale`` folded in, as ``decode_rows``)."""
+    x = fmt.decode_rows(params, 0, fmt.logical_shape(params)[0])
+    return _finite(fold_pre_quant_scale(x, params), params["weight"], 0)
 
 
 def _finite(x: torch.Tensor, weight: TensorInfo, r0: int) -> torch.Tensor:

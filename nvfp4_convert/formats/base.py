@@ -11,7 +11,8 @@ Contract of a ``Format``:
 - ``validate(module, params)``: everything the headers (and scalar scales) must satisfy; raises ``ConvertError``
   naming the file and tensor at fault; returns the scalar scales it read (``Scalars``).
 - ``logical_shape(params)``: the [out, in] of the weight the tensors encode.
-- ``decode_params``: the parameters decoding reads, weight first (``decode_sources`` gives their ``TensorInfo``).
+- ``decode_params``: the parameters decoding reads, weight first (``decode_sources`` gives their ``TensorInfo``, plus
+  a ``pre_quant_scale`` when the module has one: see below).
 - ``decode(tensors)``: float32 [rows, in] from in-memory tensors of any band of whole rows; ``decode_rows(params,
   r0, r1)`` reads rows ``[r0, r1)`` (``r0`` a multiple of ``row_multiple``) and decodes them, checking the scales it
   reads on the way. Decoding a band equals the same rows of decoding the whole.
@@ -20,6 +21,13 @@ Contract of a ``Format``:
 - ``restated_as(target, params)``: whether this module can be written in ``target`` exactly (same decoded values,
   bytes re-arranged, never re-rounded), and which tensors change: param -> (dtype, shape); ``{}`` when it already is
   ``target``, ``None`` when there is no exact restatement. ``restate(param, tensor, shape)`` makes a changed tensor.
+
+AWQ (any format): a module may carry ModelOpt's ``pre_quant_scale`` (float [in], > 0). ModelOpt's AWQ divides the
+weight by it before quantizing and multiplies the activations by it at run time
+(``modelopt/torch/quantization/model_calib.py: apply_pre_quant_scale_and_smooth``: ``input_quantizer.pre_quant_scale =
+s``, ``weight * (1 / s)[None, :]``; ``nn/modules/tensor_quantizer.py: TensorQuantizer`` forward: ``inputs *
+pre_quant_scale``), so ``y = (x * s) @ decode(W).T = x @ (decode(W) * s[None, :]).T``: the module's value is
+``decode(W) * s`` per input column, in float32 (``fold_pre_quant_scale``, applied by ``formats.decode_rows``).
 
 The math (E2M1 tables, block scaling) lives in ``codecs``; formats call it.
 """
@@ -37,6 +45,9 @@ from ..safetensors_io import TensorInfo, read_rows, read_tensor
 
 Params = Mapping[str, TensorInfo]
 Tensors = Mapping[str, torch.Tensor]
+
+PRE_QUANT_SCALE = "pre_quant_scale"  # ModelOpt AWQ's per-input-column activation scale (see the module docstring)
+PRE_QUANT_SCALE_DTYPES = ("BF16", "F16", "F32")
 
 
 @dataclass(frozen=True)
@@ -70,7 +81,8 @@ class Format:
         return (w.shape[0], w.shape[1])
 
     def decode_sources(self, params: Params) -> tuple[TensorInfo, ...]:
-        return tuple(params[p] for p in self.decode_params)
+        awq = (params[PRE_QUANT_SCALE],) if PRE_QUANT_SCALE in params else ()
+        return tuple(params[p] for p in self.decode_params) + awq
 
     def read_band(self, params: Params, r0: int, r1: int) -> dict[str, torch.Tensor]:
         """The in-memory tensors ``decode`` needs for rows ``[r0, r1)``."""
@@ -115,6 +127,24 @@ def refuse_extra(params: Params, allowed: tuple[str, ...], what: str) -> None:
     extra = sorted(set(params) - set(allowed))
     if extra:
         raise fail(params[extra[0]], f"unexpected {extra[0]} beside {what} weight")
+
+
+def check_pre_quant_scale(info: TensorInfo, cols: int) -> None:
+    """A ``pre_quant_scale`` must be a float vector [cols] (the weight's input columns), finite and > 0."""
+    if info.dtype not in PRE_QUANT_SCALE_DTYPES or info.shape != (cols,):
+        raise fail(info, f"pre_quant_scale must be a float vector [{cols}], got {info.dtype}{list(info.shape)}")
+    s = read_tensor(info).to(torch.float32)
+    bad = ~(torch.isfinite(s) & (s > 0))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise fail(info, f"pre_quant_scale [{i}] is {float(s[i])}: must be finite and > 0")
+
+
+def fold_pre_quant_scale(x: torch.Tensor, params: Params) -> torch.Tensor:
+    """``x`` (float32 rows of a decoded weight) times the module's ``pre_quant_scale`` per input column, in float32;
+    ``x`` itself when it has none."""
+    info = params.get(PRE_QUANT_SCALE)
+    return x if info is None else x * read_tensor(info).to(torch.float32)[None, :]
 
 
 def positive_scalar(info: TensorInfo) -> float:

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Format, Params, Scalars, Tensors, fail
+from .base import PRE_QUANT_SCALE, Format, Params, Scalars, Tensors, fail
 
 OUTPUT_DTYPE = "BF16"
 
@@ -40,7 +40,7 @@ class Dense(Format):
         return {"weight": (OUTPUT_DTYPE, (rows, cols))}
 
     def in_output_form(self, params: Params) -> bool:
-        return params["weight"].dtype == OUTPUT_DTYPE
+        return params["weight"].dtype == OUTPUT_DTYPE and PRE_QUANT_SCALE not in params
 
 
 DENSE = Dense()

@@ -14,7 +14,7 @@ import torch
 
 from ..codecs import FP8_BLOCK, dequantize_fp8_block, fp8_scale_shape, quantize_fp8_block
 from ..safetensors_io import read_rows
-from .base import Format, Params, Scalars, Tensors, fail, refuse_extra
+from .base import PRE_QUANT_SCALE, Format, Params, Scalars, Tensors, fail, refuse_extra
 
 WEIGHT_DTYPE = "F8_E4M3"
 SCALE_DTYPE = "F8_E8M0"  # what the converter writes and vLLM's DeepseekV4FP8Config expects
@@ -61,7 +61,7 @@ class Fp8Block(Format):
         return {"weight": (WEIGHT_DTYPE, (rows, cols)), "scale": (SCALE_DTYPE, fp8_scale_shape(rows, cols))}
 
     def in_output_form(self, params: Params) -> bool:
-        return params["scale"].dtype == SCALE_DTYPE
+        return params["scale"].dtype == SCALE_DTYPE and PRE_QUANT_SCALE not in params
 
 
 FP8_BLOCK_FORMAT = Fp8Block()
