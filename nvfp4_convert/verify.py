@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from .checkpoint import Checkpoint
-from .codecs import FP8_BLOCK, dequantize_fp8_block, fp8_scale_shape, is_power_of_two
+from .codecs import FP8_BLOCK, fp8_scale_shape, is_power_of_two
 from .config_emit import quantization_config, vllm_config
 from .direct_io import CACHED_ENOUGH, Range, cached_fraction, differences, reads_direct
 from .errors import ConvertError
@@ -80,7 +80,8 @@ class Thresholds:
 # --- structure ------------------------------------------------------------------------------------
 
 
-def check_structure(dst: Path) -> list[Finding]:
+def check_structure(dst: Path, *, mapper: Any = None) -> list[Finding]:
+    """``mapper``: vLLM's ``hf_to_vllm_mapper`` if already imported (``vllm_mapper``); else imported here."""
     out: list[Finding] = []
     status = dst_status(dst)
     out.append(Finding("finished", str(dst), ok=status == "finished", detail=f"destination is {status}"))
@@ -99,7 +100,7 @@ def check_structure(dst: Path) -> list[Finding]:
     out += _check_expected_modules(inv, ckpt.config)
     out += _check_ignored_layers(inv, ckpt.config)
     out += _check_gate_up(inv)
-    out += _check_vllm_mapper(ckpt)
+    out += _check_vllm_mapper(ckpt, mapper if mapper is not None else vllm_mapper())
     return out
 
 
@@ -272,12 +273,19 @@ def _check_gate_up(inv: Inventory) -> list[Finding]:
     ]
 
 
-def _check_vllm_mapper(ckpt: Checkpoint) -> list[Finding]:
+def vllm_mapper() -> Any:
+    """vLLM's DeepSeek-V4 ``hf_to_vllm_mapper``, or None where vLLM is absent or unimportable (importing it takes
+    seconds: ``verify`` does it on a thread while it compares tensors)."""
     try:
         from vllm.models.deepseek_v4.nvidia.model import DeepseekV4ForCausalLM
-    except Exception:  # vLLM absent (or unimportable here): the structural checks above stand alone
+    except Exception:  # vLLM absent (or unimportable here): the structural checks stand alone
+        return None
+    return DeepseekV4ForCausalLM.hf_to_vllm_mapper
+
+
+def _check_vllm_mapper(ckpt: Checkpoint, mapper: Any) -> list[Finding]:
+    if mapper is None:
         return []
-    mapper = DeepseekV4ForCausalLM.hf_to_vllm_mapper
     unmapped = [n for n in ckpt.tensors if not n.startswith("mtp.") and mapper._map_name(n) is None]
     return [Finding("vllm mapper", n, ok=False, detail="vLLM's weight mapper drops this name") for n in unmapped] or [
         Finding("vllm mapper", "all names", ok=True, detail="every name maps through vLLM's hf_to_vllm_mapper")
@@ -413,6 +421,11 @@ def _differing_copies(outputs: list[OutputTensor], out_ckpt: Checkpoint) -> set[
     return differing
 
 
+def _per_element(block_scales: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Each 128x128 block's scale at each of its elements (the last blocks cut to ``rows`` x ``cols``)."""
+    return block_scales.repeat_interleave(FP8_BLOCK, 0)[:rows].repeat_interleave(FP8_BLOCK, 1)[:, :cols]
+
+
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
@@ -439,7 +452,7 @@ def _compare(o: OutputTensor, got: TensorInfo, out_ckpt: Checkpoint, sample: int
             s = read_rows(scale, a // FP8_BLOCK, -(-b // FP8_BLOCK))
             back = FP8_BLOCK_FORMAT.decode({"weight": read_rows(got, a, b), "scale": s})
             # e4m3 rounds to 2^-4 relative (normals), 2^-10 of the block's own scale absolute (subnormals)
-            block_scale = dequantize_fp8_block(torch.ones_like(x).to(torch.float8_e4m3fn), s)
+            block_scale = _per_element(s.float(), *x.shape)
             ratio = (back - x).abs() / (x.abs() * 2**-4 + block_scale * 2**-10)
             worst = max(worst, float(torch.nan_to_num(ratio, nan=float("inf")).max()))  # NaN fails, never hides
         return Finding(
@@ -555,13 +568,16 @@ def verify(
     thresholds: Thresholds | None = None,
 ) -> dict[str, Any]:
     """All requested checks; ``result["ok"]`` is the verdict."""
-    against_source = (
-        SourceComparison(dst, source, sample=sample) if source is not None and (dst / REPORT_JSON).exists() else None
-    )  # its byte comparison runs while the structure is checked
-    findings = check_structure(dst)
+    # Three things at once: vLLM's mapper imported (seconds, for the structure), the copies compared byte for byte
+    # (I/O) and the converted tensors decoded (CPU); the structure is checked last, its findings listed first.
+    with ThreadPoolExecutor(1, thread_name_prefix="import-vllm") as pool:
+        mapper = pool.submit(vllm_mapper)
+        against = []
+        if source is not None and (dst / REPORT_JSON).exists():
+            against = SourceComparison(dst, source, sample=sample).findings()
+        findings = check_structure(dst, mapper=mapper.result())
     structure_ok = all(f.ok for f in findings)
-    if against_source is not None:
-        findings += against_source.findings()
+    findings += against
     if reference is not None and structure_ok:
         findings += check_against_reference(dst, reference, thresholds=thresholds, sample=sample)
     failed = [f for f in findings if not f.ok]
