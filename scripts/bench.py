@@ -287,7 +287,8 @@ def write_source(
     """Write the synthetic checkpoint (shards of ~5 GB, or ``shards`` shards of equal size; index, config);
     returns the tensor bytes."""
     specs = source_specs(layers, n_experts, with_embed)
-    limit = -(-sum(s.nbytes for s in specs) // shards) if shards else SHARD_BYTES
+    # ``shards`` files: greedy packing up to the mean size plus the largest tensor never opens one more
+    limit = sum(s.nbytes for s in specs) // shards + max(s.nbytes for s in specs) if shards else SHARD_BYTES
     groups: list[list[Spec]] = [[]]
     size = 0
     for s in specs:
