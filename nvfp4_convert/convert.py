@@ -28,7 +28,7 @@ from .graft import REPLACED_REASON, Graft, graft, graft_errors
 from .inventory import Inventory, Role, build_inventory, source_format
 from .mtp import MTP_REPLACED_REASON, MtpBlock, has_mtp, take_mtp
 from .plan import DEFAULT_SHARD_BYTES, Account, Plan, build_plan
-from .policy import Policy, Target
+from .policy import ExpertFormat, Policy, Target
 from .report import REPORT_JSON, REPORT_TEXT, render_text, report_dict
 from .safetensors_io import check_readable, write_file_atomic
 from .state import (
@@ -147,10 +147,11 @@ def mark_mtp(plan: Plan, block: MtpBlock) -> None:
         + (f"; {block.unread} other mtp.* tensor(s) of the reference not needed, not read" if block.unread else "")
     )
     weights = [o for o in plan.outputs if o.name.startswith("mtp.") and ".ffn.experts." in o.name]
-    params = sum(o.shape[0] * o.shape[1] * (2 if o.dtype == "U8" else 1) for o in weights if o.name.endswith(".weight"))
-    bf16 = any(o.dtype == "BF16" for o in weights)
+    experts = [m for m in block.modules.values() if m.role == Role.ROUTED_EXPERT]
+    params = sum(m.shape[0] * m.shape[1] for m in experts)  # logical [out, in], whatever REF's format
+    bf16 = (plan.policy.mtp_experts or plan.policy.experts) == ExpertFormat.BF16.value
     nbytes = sum(o.nbytes for o in weights)
-    other = ("NVFP4", params * 9 // 16 + 8 * len(weights)) if bf16 else ("BF16", params * 2)
+    other = ("NVFP4", params * 9 // 16 + 8 * len(experts)) if bf16 else ("BF16", params * 2)
     plan.notes.append(
         f"MTP routed experts {'BF16' if bf16 else 'NVFP4'}: {nbytes / 1e6:.3f} MB ({other[0]} would be "
         f"{other[1] / 1e6:.3f} MB)"
