@@ -37,8 +37,8 @@ What it measures
    from ``wait4`` (the largest single process of the converter's tree, exact) and ``tree_rss`` (the
    sum over the process tree, sampled every 0.5 s). Also recorded: CPU seconds of each run and the
    1-minute load average just before it (the benchmark cannot keep other processes off the machine).
-   ``--verify``: one more convert, then ``verify DST --source SRC`` and a ``dd iflag=direct`` read of
-   every file of SRC and DST, both cold: the figure is verify / read.
+   ``--verify``: one more convert, then ``--pairs`` alternating rounds of ``verify DST --source SRC`` and a
+   ``dd iflag=direct`` read of every file of SRC and DST, both cold: the figure is verify / read, median.
 3. ``--rss-scaling``: converts a 1x source and a 4x source (``--scaling-layers`` 1 vs 4 layers,
    with ``--scaling-experts`` routed experts per layer, 96 by default so the 4x source plus its
    output fit in ~32 GB) once per worker count, and reports the peak memory of each and the 4x/1x ratio.
@@ -601,22 +601,31 @@ def bench_ratio(args: argparse.Namespace, caches: list[str]) -> dict:
                 for cache, rows in runs.items()
             },
         }
-        if args.verify:
+        if args.verify:  # ``--pairs`` alternating (verify, read) rounds, both cold, on one converted DST
             timed(f"convert-s{len(files)}-for-verify", convert_cmd(src, dst, w), dst, src, "cold", logs)
-            v = timed(f"verify-s{len(files)}", verify_cmd(src, dst), Path("/nonexistent"), src, "cold", logs)
-            r = timed(f"read-s{len(files)}", read_cmd(src, dst), Path("/nonexistent"), src, "cold", logs)
+            rounds = []
+            for k in range(args.pairs):
+                v = timed(f"verify-s{len(files)}-{k}", verify_cmd(src, dst), Path("/nonexistent"), src, "cold", logs)
+                r = timed(f"read-s{len(files)}-{k}", read_cmd(src, dst), Path("/nonexistent"), src, "cold", logs)
+                rounds.append(
+                    {
+                        "verify_s": round(v.wall_s, 3),
+                        "read_src_and_dst_s": round(r.wall_s, 3),
+                        "ratio": round(v.wall_s / r.wall_s, 4),
+                        "max_process_rss_bytes": v.max_process_rss,
+                        "cpu_s": round(v.cpu_s, 1),
+                    }
+                )
+                print(
+                    f"  verify --source, round {k + 1}: {v.wall_s:.2f} s, dd O_DIRECT read of SRC and DST "
+                    f"{r.wall_s:.2f} s, ratio {v.wall_s / r.wall_s:.3f}, RSS {gib(v.max_process_rss)}",
+                    flush=True,
+                )
             layout["verify"] = {
-                "verify_s": round(v.wall_s, 3),
-                "read_src_and_dst_s": round(r.wall_s, 3),
-                "ratio": round(v.wall_s / r.wall_s, 4),
-                "max_process_rss_bytes": v.max_process_rss,
-                "cpu_s": round(v.cpu_s, 1),
+                "ratio": statistics.median(x["ratio"] for x in rounds),
+                "peak_max_process_rss_bytes": max(x["max_process_rss_bytes"] for x in rounds),
+                "rounds": rounds,
             }
-            print(
-                f"  verify --source: {v.wall_s:.2f} s, dd O_DIRECT read of SRC and DST {r.wall_s:.2f} s, ratio "
-                f"{v.wall_s / r.wall_s:.3f}, RSS {gib(v.max_process_rss)}",
-                flush=True,
-            )
         clear(dst)
         shutil.rmtree(src)
         layouts.append(layout)
@@ -628,7 +637,11 @@ def bench_ratio(args: argparse.Namespace, caches: list[str]) -> dict:
                 f"({' '.join(str(r['ratio']) for r in res['rounds'])}), RSS {gib(res['peak_max_process_rss_bytes'])}"
             )
         if "verify" in lay:
-            print(f"      verify --source / read SRC+DST: {lay['verify']['ratio']:.3f}")
+            v = lay["verify"]
+            print(
+                f"      verify --source / read SRC+DST: {v['ratio']:.3f} "
+                f"({' '.join(str(r['ratio']) for r in v['rounds'])}), RSS {gib(v['peak_max_process_rss_bytes'])}"
+            )
     return {
         "mode": "ratio",
         "layers": args.layers,
