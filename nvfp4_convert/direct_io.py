@@ -155,17 +155,24 @@ def read_chunks(path: Path, start: int, nbytes: int) -> Iterator[tuple[int, memo
     try:
         pos, end = start, start + nbytes
         while pos < end:
-            a0 = pos - pos % BLOCK
-            a1 = min(-(-end // BLOCK) * BLOCK, a0 + CHUNK)
-            got = os.preadv(fd, [buf[: a1 - a0]], a0)
-            n = min(end, a0 + got) - pos
-            if n <= 0:
-                raise OSError(errno.EIO, f"{path.name} ended at byte {a0 + got}, before {end}")
-            yield pos, buf[pos - a0 : pos - a0 + n]
+            lo, n = _read_aligned(fd, buf, pos, end, path)
+            yield pos, buf[lo : lo + n]
             pos += n
     finally:
         _local.reading = False
         os.close(fd)
+
+
+def _read_aligned(fd: int, buf: memoryview, pos: int, end: int, path: Path) -> tuple[int, int]:
+    """One read of ``buf``'s length at most, from the block holding ``pos`` (aligned for ``O_DIRECT``):
+    ``(lo, n)``, the bytes ``[pos, pos + n)`` of the file being ``buf[lo : lo + n]``."""
+    a0 = pos - pos % BLOCK
+    a1 = min(-(-end // BLOCK) * BLOCK, a0 + len(buf))
+    got = os.preadv(fd, [buf[: a1 - a0]], a0)
+    n = min(end, a0 + got) - pos
+    if n <= 0:
+        raise OSError(errno.EIO, f"{path.name} ended at byte {a0 + got}, before {end}")
+    return pos - a0, n
 
 
 @dataclass(frozen=True)
@@ -196,10 +203,9 @@ class ReadAhead:
         self.ranges = list(ranges)
         self.cached = cached
         self.read_seconds = 0.0
-        self.chunk = chunk or CHUNK  # bytes per read, a multiple of BLOCK
         self._free: queue.Queue[memoryview | None] = queue.Queue()
-        for _ in range(depth):
-            self._free.put(memoryview(mmap.mmap(-1, self.chunk)))
+        for _ in range(depth):  # the buffers' size is the size of each read: ``chunk``, a multiple of BLOCK
+            self._free.put(memoryview(mmap.mmap(-1, chunk or CHUNK)))
         self._full: queue.Queue[tuple[int, memoryview, int, int] | BaseException | None] = queue.Queue()
         self._next = 0
         self._stop = False
@@ -217,15 +223,10 @@ class ReadAhead:
                         buf = self._free.get()
                         if buf is None or self._stop:
                             return
-                        a0 = pos - pos % BLOCK
-                        a1 = min(-(-end // BLOCK) * BLOCK, a0 + self.chunk)
                         t = time.perf_counter()
-                        got = os.preadv(fd, [buf[: a1 - a0]], a0)
+                        lo, n = _read_aligned(fd, buf, pos, end, r.path)
                         self.read_seconds += time.perf_counter() - t
-                        n = min(end, a0 + got) - pos
-                        if n <= 0:
-                            raise OSError(errno.EIO, f"{r.path.name} ended at byte {a0 + got}, before {end}")
-                        self._full.put((pos, buf, pos - a0, n))
+                        self._full.put((pos, buf, lo, n))
                         pos += n
                 finally:
                     os.close(fd)
