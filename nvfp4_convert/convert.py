@@ -377,9 +377,10 @@ def use_direct_io(io: str, directory: Path, plan: Plan) -> bool:
 
 def cached_sources(plan: Plan) -> frozenset[Path]:
     """The source files that copies read and that are mostly in the page cache already (``mincore``):
-    read from memory, not again from the disk with ``O_DIRECT`` (ModelOpt has just written them, say)."""
+    read from memory, not again from the disk with ``O_DIRECT`` (ModelOpt has just written them, say).
+    ``direct_io.read_from_cache``, the rule ``verify`` uses too."""
     files = {o.sources[0].file for o in plan.outputs if o.op == "copy"}
-    return frozenset(f for f in files if direct_io.cached_fraction(f) >= direct_io.CACHED_ENOUGH)
+    return direct_io.read_from_cache(files)
 
 
 def _already_written(dst: Path, plan: Plan) -> int:

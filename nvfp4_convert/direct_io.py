@@ -24,7 +24,8 @@ Contract:
   there: a copy from memory), the others with ``O_DIRECT``; the bytes are the same.
 - ``differences(left, right)`` compares two lists of equally long ranges, both read ahead at once
   (two threads), and yields where they differ: ``verify``'s byte comparison at the disk's speed.
-- ``cached_fraction(path)`` is the share of a file's pages in the page cache (``mincore``).
+- ``cached_fraction(path)`` is the share of a file's pages in the page cache (``mincore``); ``read_from_cache``
+  picks, of a set of files, those a ``ReadAhead`` should read through the page cache.
 - ``refusal(directory, sample)`` says why a filesystem refuses ``O_DIRECT`` (None: it accepts it).
 
 Memory: one read buffer and one staging buffer of ``CHUNK`` bytes per thread that uses them, two
@@ -41,7 +42,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -322,6 +323,12 @@ def _libc() -> ctypes.CDLL:
     libc.memcmp.restype = ctypes.c_int
     libc.memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
     return libc
+
+
+def read_from_cache(files: Iterable[Path]) -> frozenset[Path]:
+    """The ``files`` best read through the page cache: mostly there already (``CACHED_ENOUGH``), or refusing
+    ``O_DIRECT``. The others are read with ``O_DIRECT`` (``ReadAhead``'s ``cached``)."""
+    return frozenset(f for f in files if cached_fraction(f) >= CACHED_ENOUGH or not reads_direct(f))
 
 
 def cached_fraction(path: Path) -> float:

@@ -33,7 +33,7 @@ import torch
 from .checkpoint import Checkpoint
 from .codecs import FP8_BLOCK, fp8_scale_shape, is_power_of_two
 from .config_emit import quantization_config, vllm_config
-from .direct_io import CACHED_ENOUGH, Range, cached_fraction, differences, reads_direct
+from .direct_io import Range, differences, read_from_cache
 from .errors import ConvertError
 from .formats import DENSE, FORMATS, FP8_BLOCK_FORMAT, NVFP4, PRE_QUANT_SCALE, decode_rows, of_sources
 from .formats import nvfp4 as nvfp4_format
@@ -413,7 +413,7 @@ def _differing_copies(outputs: list[OutputTensor], out_ckpt: Checkpoint) -> set[
     left = [Range(r[0][0].file, r[0][0].start, r[-1][0].end - r[0][0].start) for r in runs]
     right = [Range(r[0][1].file, r[0][1].start, r[-1][1].end - r[0][1].start) for r in runs]
     files = {x.path for x in left + right}
-    cached = frozenset(f for f in files if not reads_direct(f) or cached_fraction(f) >= CACHED_ENOUGH)
+    cached = read_from_cache(files)
     differing: set[str] = set()
     for i, offsets in differences(left, right, cached=cached):
         ends = [got.end - runs[i][0][1].start for _, got in runs[i]]
