@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
@@ -54,6 +54,20 @@ class Prepared:
     config: dict
     graft: Graft | None = None
     mtp: MtpBlock | None = None
+    inputs: dict = field(default_factory=dict)  # what else decided the plan (``plan_inputs``), for the report
+
+
+def plan_inputs(
+    attention_from: Path | None, mtp_from: Path | None, pass_unknown: bool, policy: Policy
+) -> dict[str, str | bool | None]:
+    """The options besides SRC that decide the plan, as the report records them (absolute paths): ``verify --source``
+    rebuilds the same plan from them (``prepare_from_report``)."""
+    return {
+        "attention_from": str(attention_from.absolute()) if attention_from else None,
+        "mtp_from": str(mtp_from.absolute()) if mtp_from else None,
+        "pass_unknown": pass_unknown,
+        "mtp_experts": policy.mtp_experts,
+    }
 
 
 def prepare(
@@ -104,7 +118,32 @@ def prepare(
         plan.followed_links = ckpt.links
         plan.notes.append(f"{len(ckpt.links)} symlink(s) in the source followed (the report's followed_links)")
     config = vllm_config(config_source, plan.ignored_layers)
-    return Prepared(ckpt, inv, plan, config, g, block)
+    return Prepared(ckpt, inv, plan, config, g, block, plan_inputs(attention_from, mtp_from, pass_unknown, policy))
+
+
+def prepare_from_report(src: Path, report: dict, *, allow_outside_links: bool = False) -> Prepared:
+    """``prepare`` SRC as the run that wrote ``report`` (its policy and ``inputs``) did: the plan it executed. A report
+    from before ``inputs`` was recorded gives the plan of its policy alone."""
+    inputs = report.get("inputs") or {}
+    policy = Policy(report["policy"]["name"], report["policy"]["experts"], inputs.get("mtp_experts"))
+    refs = {}
+    for key, option in (("attention_from", "--attention-from"), ("mtp_from", "--mtp-from")):
+        if inputs.get(key) is None:
+            continue
+        refs[key] = Path(inputs[key])
+        if not refs[key].exists():
+            raise ConvertError(
+                f"the output was converted with {option} {refs[key]} (its report says so); "
+                "that reference is needed to rebuild the plan and is not there",
+                file=refs[key],
+            )
+    return prepare(
+        src,
+        policy,
+        pass_unknown=bool(inputs.get("pass_unknown")),
+        allow_outside_links=allow_outside_links,
+        **refs,
+    )
 
 
 def refuse_unconverted_formats(inv: Inventory) -> None:
@@ -339,7 +378,7 @@ def _run_locked(
         try:
             _write_metadata(prep, dst)
             timing["phases"]["metadata"] = round(time.monotonic() - t0 - t_shards, 3)
-            report = report_dict(plan, dst=str(dst), timing=timing, graft_errors=errors)
+            report = report_dict(plan, dst=str(dst), timing=timing, graft_errors=errors, inputs=prep.inputs)
             write_file_atomic(dst / REPORT_TEXT, render_text(plan, graft_errors=errors).encode())
             write_file_atomic(dst / REPORT_JSON, json.dumps(report, indent=1).encode())
         except OSError as e:  # the shards are journalled: a rerun with --resume writes only what is missing

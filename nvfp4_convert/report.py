@@ -50,6 +50,7 @@ def report_dict(
     dst: str | None = None,
     timing: dict[str, float] | None = None,
     graft_errors: list[dict] | None = None,
+    inputs: dict | None = None,
 ) -> dict[str, Any]:
     actions = Counter(a.action for a in plan.accounts)
     return {
@@ -59,6 +60,7 @@ def report_dict(
         "destination": dst,
         "naming": plan.naming,
         "policy": {"name": plan.policy.name, "experts": plan.policy.experts, "min_vllm": plan.policy.min_vllm},
+        "inputs": inputs or {},  # the other options that decided the plan (``convert.plan_inputs``)
         "totals": {
             "input_tensors": len(plan.accounts),
             "input_bytes": plan.source_bytes,

@@ -31,8 +31,9 @@ from typing import Any
 import torch
 
 from .checkpoint import Checkpoint
-from .codecs import FP8_BLOCK, fp8_scale_shape, is_power_of_two
-from .config_emit import quantization_config, vllm_config
+from .codecs import E4M3_MIN_EXP, FP8_BLOCK, fp8_scale_shape, is_power_of_two
+from .config_emit import quantization_config
+from .convert import prepare_from_report
 from .direct_io import Range, differences, read_from_cache
 from .errors import ConvertError
 from .formats import DENSE, FORMATS, FP8_BLOCK_FORMAT, NVFP4, PRE_QUANT_SCALE, decode_rows, of_sources
@@ -40,8 +41,7 @@ from .formats import nvfp4 as nvfp4_format
 from .inventory import Inventory, Module, Role, build_inventory
 from .metrics import output_weight, weight_errors
 from .naming import Naming, detect_naming, native_name
-from .plan import OutputTensor, build_plan, ignore_names, mtp_layer_name
-from .policy import Policy
+from .plan import OutputTensor, ignore_names, mtp_layer_name
 from .report import REPORT_JSON
 from .safetensors_io import TensorInfo, read_rows, read_tensor
 from .state import dst_status
@@ -295,11 +295,6 @@ def _check_vllm_mapper(ckpt: Checkpoint, mapper: Any) -> list[Finding]:
 # --- against the source ---------------------------------------------------------------------------
 
 
-def _policy_of(dst: Path) -> Policy:
-    report = json.loads((dst / REPORT_JSON).read_text())
-    return Policy(report["policy"]["name"], report["policy"]["experts"])
-
-
 BAND_FLOATS = 4 * 1024 * 1024  # float32 values per decoded band of a converted tensor (16 MB)
 
 
@@ -327,15 +322,16 @@ class SourceComparison:
     def __init__(self, dst: Path, src: Path, *, sample: int | None = None) -> None:
         self.sample = sample
         self.out_ckpt = Checkpoint.open(dst)
-        self.src_ckpt = Checkpoint.open(src)
-        self.plan = build_plan(build_inventory(self.src_ckpt), _policy_of(dst), self.src_ckpt.path)
+        # the plan the run executed: its policy and the references it took tensors from (the report's ``inputs``)
+        self.prep = prepare_from_report(src, json.loads((dst / REPORT_JSON).read_text()))
+        self.src_ckpt, self.plan = self.prep.ckpt, self.prep.plan
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="compare-copies")
         self._copies = None if sample else self._pool.submit(_differing_copies, self.plan.outputs, self.out_ckpt)
         self._pool.shutdown(wait=False)
 
     def findings(self) -> list[Finding]:
         plan, out_ckpt, sample = self.plan, self.out_ckpt, self.sample
-        expected_config = vllm_config(self.src_ckpt.config, plan.ignored_layers)
+        expected_config = self.prep.config
         findings = [
             Finding(
                 "config vs source",
@@ -464,6 +460,10 @@ def _compare(o: OutputTensor, got: TensorInfo, out_ckpt: Checkpoint, sample: int
         )
     if o.op == "fp8_scale":
         return Finding("vs source: fp8 scale", o.name, ok=True, detail="checked with its weight")
+    if o.op == "mx_nvfp4_weight":
+        return _compare_reencoded(o, got, out_ckpt, sample)
+    if o.op == "mx_nvfp4_scale":
+        return Finding("vs source: mxfp4 -> nvfp4", o.name, ok=True, detail="checked with its weight")
     if o.op == "fold_scale":
         have, want = (
             read_tensor(got).to(torch.float32),
@@ -482,6 +482,34 @@ def _compare(o: OutputTensor, got: TensorInfo, out_ckpt: Checkpoint, sample: int
         return Finding("vs source: restated", o.name, ok=same, detail="" if same else "decoded values differ")
     have_value = float(read_tensor(got).reshape(-1)[0])
     return Finding("vs source: scalar", o.name, ok=have_value == o.value, detail=f"{have_value} vs {o.value}")
+
+
+def _compare_reencoded(o: OutputTensor, got: TensorInfo, out_ckpt: Checkpoint, sample: int | None) -> Finding:
+    """An MTP expert re-encoded from MXFP4 (or a BF16 cast of it): the NVFP4 the output holds, decoded, equals the
+    source's values exactly, except in blocks too small for the global scale ``2^m`` (``o.value``), re-quantized by
+    contract: there every value is at most ``3 * 2^(m-9)`` and rounded to the nearest step of ``2^(m-9)``."""
+    module = o.name.removesuffix(".weight")
+    ws, ws2 = (out_ckpt.tensors.get(f"{module}.{p}") for p in ("weight_scale", "weight_scale_2"))
+    if ws is None or ws2 is None:
+        return Finding("vs source: mxfp4 -> nvfp4", o.name, ok=False, detail="weight_scale(_2) missing")
+    floor = 2.0 ** (int(o.value or 0) + E4M3_MIN_EXP)  # the smallest block scale under the global scale
+    requantized = bad = 0
+    for a, b in _rows(got, sample):
+        want = decode_rows(o.sources, a, b)
+        have = NVFP4.decode(
+            {"weight": read_rows(got, a, b), "weight_scale": read_rows(ws, a, b), "weight_scale_2": read_tensor(ws2)}
+        )
+        differ = (have != want).reshape(want.shape[0], -1, 16)
+        if not bool(differ.any()):
+            continue
+        small = want.abs().reshape(differ.shape).amax(dim=2, keepdim=True) <= 3 * floor
+        near = ((have - want).abs() <= floor / 2).reshape(differ.shape)
+        requantized += int((differ & small & near).sum())
+        bad += int((differ & ~(small & near)).sum())
+    detail = (
+        f"{bad} values differ" if bad else "exact" + (f"; {requantized} values re-quantized" if requantized else "")
+    )
+    return Finding("vs source: mxfp4 -> nvfp4", o.name, ok=bad == 0, detail=detail)
 
 
 # --- against a BF16 reference ---------------------------------------------------------------------

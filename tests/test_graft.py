@@ -79,6 +79,18 @@ def test_report_shows_origin_and_what_the_graft_buys(grafted):
     assert "What --attention-from buys" in (grafted / "nvfp4-convert-report.txt").read_text()
 
 
+def test_verify_source_rebuilds_the_plan_with_the_reference_the_run_took_tensors_from(grafted):
+    """``verify DST --source SRC`` on a grafted output: the report's ``inputs`` name REF, so the attention written from
+    REF is compared with REF (its BF16 bytes, FP8 within e4m3) and the experts with SRC, with no option to repeat."""
+    report = json.loads((grafted / "nvfp4-convert-report.json").read_text())
+    assert report["inputs"]["attention_from"] == str(REF.absolute())
+    result = verify(grafted, source=REPO_FIXTURE)
+    assert result["ok"], [f for f in result["findings"] if not f["ok"]][:3]
+    findings = {f["tensor"]: f["check"] for f in result["findings"]}
+    assert findings["layers.0.attn.wq_a.weight"] == "vs source: bytes"  # REF is BF16: copied
+    assert findings["layers.0.attn.wo_a.weight"] == "vs source: fp8 within e4m3"
+
+
 def test_plan_shows_where_each_tensor_comes_from():
     prep = prepare(REPO_FIXTURE, Policy(), attention_from=REF)
     origins = {(a.role, a.origin) for a in prep.plan.accounts}

@@ -8,6 +8,7 @@ float8 dtypes), never by ``nvfp4_convert.codecs``.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,6 +25,7 @@ from nvfp4_convert.errors import ConvertError
 from nvfp4_convert.model_shapes import expected_mtp_shapes, expected_shapes
 from nvfp4_convert.naming import to_native
 from nvfp4_convert.policy import Policy
+from nvfp4_convert.verify import verify
 
 RELEASE = REPO_FIXTURE.parent / "tiny-dsv4-release"
 NO_MTP_REF = REPO_FIXTURE.parent / "tiny-dsv4-ref"
@@ -466,3 +468,74 @@ def test_vllm_mtp_loader_puts_every_tensor_of_ours_into_its_parameter(converted,
         assert got.shape == t.shape and torch.equal(
             got.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)
         ), key
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# verify --source on an output with an MTP block: the plan is rebuilt with the report's --mtp-from
+
+
+@pytest.mark.parametrize("experts", ["nvfp4", "bf16"])
+def test_verify_source_passes_on_the_mtp_output_and_checks_every_mtp_tensor(converted, experts):
+    dst = converted("default", experts)
+    report = json.loads((dst / "nvfp4-convert-report.json").read_text())
+    assert report["inputs"] == {
+        "attention_from": None,
+        "mtp_from": str(RELEASE.absolute()),
+        "pass_unknown": False,
+        "mtp_experts": experts,
+    }
+    result = verify(dst, source=REPO_FIXTURE)
+    assert result["ok"], [f for f in result["findings"] if not f["ok"]][:3]
+    checked = {f["tensor"] for f in result["findings"] if f["check"].startswith("vs source")}
+    assert {n for n in mtp_out(dst)} <= checked
+    if experts == "nvfp4":
+        reencoded = [f for f in result["findings"] if f["check"] == "vs source: mxfp4 -> nvfp4"]
+        assert sum(f["detail"] == "exact" for f in reencoded) == 3 * len(reencoded) // 6 > 0  # weights; scales ride
+
+
+def test_verify_source_catches_one_wrong_nibble_in_an_mtp_expert(converted, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(converted("default", "nvfp4"), bad)
+    name = "mtp.0.ffn.experts.1.w3.weight"
+    shard = bad / json.loads((bad / "model.safetensors.index.json").read_text())["weight_map"][name]
+    tensors = load_all(bad)
+    tensors[name][5, 7] ^= 0x0F  # one E2M1 code of one element
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items() if k in _names_in(shard)}, shard, metadata={"format": "pt"}
+    )
+    failed = {f["tensor"]: f["detail"] for f in verify(bad, source=REPO_FIXTURE)["findings"] if not f["ok"]}
+    assert failed == {name: "1 values differ"}
+
+
+def _names_in(shard: Path) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(shard, "pt") as f:
+        return set(f.keys())
+
+
+def test_verify_source_allows_exactly_the_blocks_requantized_by_contract(release, tmp_path):
+    """A block 25 binades below the expert's top is re-quantized under the global scale (reported); verify accepts
+    its rounding and nothing more."""
+    tensors = dict(release)
+    scale = tensors["mtp.0.ffn.experts.2.w1.scale"].view(torch.uint8).clone()
+    scale[3, 1] = int(scale.max()) - 25
+    tensors["mtp.0.ffn.experts.2.w1.scale"] = scale.view(torch.float8_e8m0fnu)
+    ref = write_ref(tensors, tmp_path / "ref")
+    dst = tmp_path / "out"
+    report = run(REPO_FIXTURE, dst, Policy(), mtp_from=ref)
+    requantized = {r["expert"]: r["requantized_blocks"] for r in report["mtp_reencoded"]}
+    assert requantized["mtp.0.ffn.experts.2"] == {"w1": 1}
+    findings = {f["tensor"]: f for f in verify(dst, source=REPO_FIXTURE)["findings"]}
+    assert findings["mtp.0.ffn.experts.2.w1.weight"]["ok"]
+    assert "re-quantized" in findings["mtp.0.ffn.experts.2.w1.weight"]["detail"]
+
+
+def test_verify_source_names_the_mtp_reference_it_needs_when_it_is_gone(tmp_path):
+    ref = tmp_path / "ref"
+    shutil.copytree(RELEASE, ref)
+    dst = tmp_path / "out"
+    run(REPO_FIXTURE, dst, Policy(), mtp_from=ref)
+    shutil.rmtree(ref)
+    with pytest.raises(ConvertError, match=r"converted with --mtp-from .*ref.*not there"):
+        verify(dst, source=REPO_FIXTURE)
