@@ -7,7 +7,8 @@ Three layers of checks, each a list of ``Finding`` (check, tensor, ok, detail, m
   FP8 weights with ``float8_e8m0fnu`` power-of-two ``scale`` of the right shape; every module
   vLLM builds (from the config: layers, compress ratios, hash layers, experts) has its tensors;
   ``ignored_layers`` lists exactly the BF16 modules; NVFP4 experts' gate/up global scales equal.
-  Needs no vLLM; when vLLM is importable, every name also goes through its own weight mapper.
+  Needs no vLLM; when vLLM is importable, every name also goes through its own weight mapper (asked from a child
+  process, ``vllm_names``, while the other checks run).
 - ``check_against_source(dst, src)``: each output tensor against the source it came from (the plan
   for the policy recorded in the report): copies byte-equal, BF16 equal to the dequantized source
   bit for bit (zero signs aside), FP8 within e4m3's rounding of the float32 source.
@@ -45,6 +46,7 @@ from .plan import OutputTensor, ignore_names, mtp_layer_name
 from .report import REPORT_JSON
 from .safetensors_io import TensorInfo, read_rows, read_tensor
 from .state import dst_status
+from .vllm_names import DroppedNames
 
 __all__ = [
     "Finding",
@@ -80,8 +82,8 @@ class Thresholds:
 # --- structure ------------------------------------------------------------------------------------
 
 
-def check_structure(dst: Path, *, mapper: Any = None) -> list[Finding]:
-    """``mapper``: vLLM's ``hf_to_vllm_mapper`` if already imported (``vllm_mapper``); else imported here."""
+def check_structure(dst: Path, *, dropped: DroppedNames | None = None) -> list[Finding]:
+    """``dropped``: vLLM's mapper already started on DST's names (``mapper_check``); else started here."""
     out: list[Finding] = []
     status = dst_status(dst)
     out.append(Finding("finished", str(dst), ok=status == "finished", detail=f"destination is {status}"))
@@ -100,7 +102,7 @@ def check_structure(dst: Path, *, mapper: Any = None) -> list[Finding]:
     out += _check_expected_modules(inv, ckpt.config)
     out += _check_ignored_layers(inv, ckpt.config)
     out += _check_gate_up(inv)
-    out += _check_vllm_mapper(ckpt, mapper if mapper is not None else vllm_mapper())
+    out += _check_vllm_mapper(dropped or DroppedNames(n for n in ckpt.tensors if not n.startswith("mtp.")))
     return out
 
 
@@ -273,23 +275,24 @@ def _check_gate_up(inv: Inventory) -> list[Finding]:
     ]
 
 
-def vllm_mapper() -> Any:
-    """vLLM's DeepSeek-V4 ``hf_to_vllm_mapper``, or None where vLLM is absent or unimportable (importing it takes
-    seconds: ``verify`` does it on a thread while it compares tensors)."""
-    try:
-        from vllm.models.deepseek_v4.nvidia.model import DeepseekV4ForCausalLM
-    except Exception:  # vLLM absent (or unimportable here): the structural checks stand alone
-        return None
-    return DeepseekV4ForCausalLM.hf_to_vllm_mapper
-
-
-def _check_vllm_mapper(ckpt: Checkpoint, mapper: Any) -> list[Finding]:
-    if mapper is None:
+def _check_vllm_mapper(dropped: DroppedNames) -> list[Finding]:
+    """vLLM's ``hf_to_vllm_mapper`` on every name (``vllm_names``; none where vLLM is not importable here)."""
+    names = dropped.result()
+    if names is None:
         return []
-    unmapped = [n for n in ckpt.tensors if not n.startswith("mtp.") and mapper._map_name(n) is None]
-    return [Finding("vllm mapper", n, ok=False, detail="vLLM's weight mapper drops this name") for n in unmapped] or [
+    return [Finding("vllm mapper", n, ok=False, detail="vLLM's weight mapper drops this name") for n in names] or [
         Finding("vllm mapper", "all names", ok=True, detail="every name maps through vLLM's hf_to_vllm_mapper")
     ]
+
+
+def mapper_check(dst: Path) -> DroppedNames | None:
+    """vLLM's mapper started on DST's names (the MTP block's aside: vLLM's MTP model maps those), or None when DST's
+    index cannot be read (``check_structure`` says why)."""
+    try:
+        names = Checkpoint.open(dst).tensors
+    except ConvertError:
+        return None
+    return DroppedNames(n for n in names if not n.startswith("mtp."))
 
 
 # --- against the source ---------------------------------------------------------------------------
@@ -596,14 +599,14 @@ def verify(
     thresholds: Thresholds | None = None,
 ) -> dict[str, Any]:
     """All requested checks; ``result["ok"]`` is the verdict."""
-    # Three things at once: vLLM's mapper imported (seconds, for the structure), the copies compared byte for byte
-    # (I/O) and the converted tensors decoded (CPU); the structure is checked last, its findings listed first.
-    with ThreadPoolExecutor(1, thread_name_prefix="import-vllm") as pool:
-        mapper = pool.submit(vllm_mapper)
-        against = []
-        if source is not None and (dst / REPORT_JSON).exists():
-            against = SourceComparison(dst, source, sample=sample).findings()
-        findings = check_structure(dst, mapper=mapper.result())
+    # Three things at once: vLLM's mapper on DST's names in a child process (seconds of import, for the structure),
+    # the copies compared byte for byte (I/O) and the converted tensors decoded (CPU); the structure is checked last,
+    # its findings listed first.
+    dropped = mapper_check(dst)
+    against = []
+    if source is not None and (dst / REPORT_JSON).exists():
+        against = SourceComparison(dst, source, sample=sample).findings()
+    findings = check_structure(dst, dropped=dropped)
     structure_ok = all(f.ok for f in findings)
     findings += against
     if reference is not None and structure_ok:
