@@ -167,6 +167,7 @@ def build_plan(inv: Inventory, policy: Policy, source: Path, *, shard_bytes: int
     refuse_unservable_experts(
         [m for m in experts.values() if policy.target(m) == Target.NVFP4 and m.format == NVFP4.name]
     )
+    refuse_awq_scale_fused_into_the_moe_norm(inv)
     fixes: dict[str, GateUpFix | None] = {}  # per expert, decided once for both halves
     reencodes: dict[str, MxReencode] = {}
     input_scales: dict[str, float] = {}  # of the main layers' experts, for the re-encoded MTP experts
@@ -312,6 +313,35 @@ def refuse_unservable_experts(kept: list[Module]) -> None:
             f"{as_bf16 / max(1, as_is):.1f}x)",
             file=first.file,
             tensor=first.name,
+        )
+
+
+def refuse_awq_scale_fused_into_the_moe_norm(inv: Inventory) -> None:
+    """Refuse an AWQ export whose MoE input scale ModelOpt's export fused into the norm before the MoE.
+
+    ModelOpt's HF export (``fuse_prequant_layernorm``) multiplies a norm's weight by the AWQ ``pre_quant_scale`` of the
+    quantized linears reading it and deletes their scales; readers it did not rescale are left reading a rescaled
+    input. Before DeepSeek-V4's MoE that always includes the router (``ffn.gate``, never quantized): the checkpoint
+    routes on a rescaled input, whoever serves it, and the original norm is not in the file to undo it. The sign in
+    the file: a shared expert's ``w1``/``w3`` declared AWQ (``quant_algo``) with no ``pre_quant_scale`` left, which AWQ
+    gives every linear it quantizes. The error names that layer's norm."""
+    for name, module in inv.modules.items():
+        if not re.fullmatch(r"(layers|mtp)\.\d+\.ffn\.shared_experts\.w[13]", name):
+            continue
+        if "AWQ" not in (module.quant_algo or "").upper() or PRE_QUANT_SCALE in module.params:
+            continue
+        prefix = name.split(".ffn.")[0]
+        norm, router = inv.modules.get(f"{prefix}.ffn_norm.weight"), inv.modules.get(f"{prefix}.ffn.gate")
+        where = norm.params[""] if norm is not None else module.params["weight"]
+        reader = module.params["weight"].name.removesuffix(".weight")
+        gate = router.params["weight"].name.removesuffix(".weight") if router is not None else f"{prefix}.ffn.gate"
+        raise ConvertError(
+            f"ModelOpt's AWQ export fused the MoE input's pre_quant_scale into this norm ({reader} has none left), and "
+            f"the MoE router {gate} reads the same norm with weights nobody rescaled: this checkpoint routes "
+            "on a rescaled input whatever serves it, and the original norm is not in the file to undo it; refused. "
+            "Export with a recipe that keeps AWQ off the MLP (e.g. NVFP4_DEFAULT_CFG)",
+            file=where.file,
+            tensor=where.name,
         )
 
 

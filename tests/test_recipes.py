@@ -8,9 +8,11 @@
 - ``nvfp4-embed-lm-head``: the NVFP4 embedding and ``lm_head`` are written BF16, bit-exact.
 - ``experts-w4a16`` (experts without ``input_scale``) is refused by name with what ``--experts bf16`` costs, which then
   converts; a W4A8 recipe (synthetic: the config says ``W4A8_NVFP4_FP8``) is refused by name likewise.
-- ``nvfp4-awq`` (``NVFP4_AWQ_LITE_CFG``; ModelOpt patched to run, see the fixtures README): each ``pre_quant_scale``
-  (non-expert linears) is folded exactly, ``decode(W) * pre_quant_scale`` per input column in float32, before BF16/FP8.
-  AWQ routed experts kept NVFP4 (synthetic: this export has none) are refused by name; ``--experts bf16`` folds them.
+- ``nvfp4-awq`` (``NVFP4_AWQ_LITE_CFG``; ModelOpt patched to run, see the fixtures README): ModelOpt's export fused the
+  shared experts' gate/up scale into ``post_attention_layernorm``, which the router reads unrescaled: refused, naming
+  the norm. As if unfused (shared gate/up given a scale of ones), each ``pre_quant_scale`` (non-expert linears) is
+  folded exactly, ``decode(W) * pre_quant_scale`` per input column in float32, before BF16/FP8. AWQ routed experts
+  kept NVFP4 (synthetic: this export has none) are refused by name; ``--experts bf16`` folds them.
 - Any other ModelOpt tensor kind (``output_scale``, ``k_bias``, a scale or ``pre_quant_scale`` on an unquantizable
   module) stops the run naming what it is.
 
@@ -252,9 +254,46 @@ def test_another_modelopt_tensor_kind_is_named_for_what_it_is(tmp_path, name, wh
     assert "no DeepSeek-V4 naming rule" not in line
 
 
+def test_awq_export_that_fused_the_moe_scale_into_the_norm_is_refused_naming_the_norm(tmp_path):
+    """ModelOpt's export of this recipe fused the shared experts' gate/up scale into ``post_attention_layernorm``, which
+    the router also reads: refused by name, nothing written."""
+    line = _refused(RECIPES / "nvfp4-awq", tmp_path / "dst")
+    assert "model.layers.0.post_attention_layernorm.weight" in line and "model.layers.0.mlp.gate " in line
+    assert "model.layers.0.mlp.shared_experts.gate_proj has none left" in line and "NVFP4_DEFAULT_CFG" in line
+
+
+def test_the_fused_norm_is_real_in_modelopts_export_and_the_router_was_not_rescaled():
+    """Why the refusal: against ModelOpt's export of the same model without AWQ, this export's MoE norm differs per
+    channel (by the fused scale) while the router that reads it, and the routed experts, are the same bytes."""
+    awq, plain = load_all(RECIPES / "nvfp4-awq"), load_all(RECIPES / "experts-nvfp4-attn-fp8")
+    for layer in range(4):
+        p = f"model.layers.{layer}."
+        ratio = (
+            awq[f"{p}post_attention_layernorm.weight"].float() / plain[f"{p}post_attention_layernorm.weight"].float()
+        )
+        assert float(ratio.min()) < 0.9 and float(ratio.max()) > 1.1, layer
+        assert torch.equal(awq[f"{p}mlp.gate.weight"], plain[f"{p}mlp.gate.weight"])
+        assert f"{p}mlp.shared_experts.gate_proj.pre_quant_scale" not in awq
+        assert f"{p}mlp.shared_experts.down_proj.pre_quant_scale" in awq
+    experts = [n for n in plain if ".mlp.experts." in n]
+    assert experts and all(torch.equal(awq[n], plain[n]) for n in experts)
+
+
+def _awq_unfused(t: dict[str, torch.Tensor]) -> None:
+    """The export as if nothing had been fused into the MoE norm: the shared experts' gate/up carry a pre_quant_scale
+    again (ones, BF16, as ModelOpt writes scales), so the refusal above does not apply and the folding can be seen."""
+    for n in [n for n in t if ".mlp.shared_experts." in n and n.endswith(("gate_proj.weight", "up_proj.weight"))]:
+        t[n.replace(".weight", ".pre_quant_scale")] = torch.ones(t[n].shape[1] * 2, dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def awq_unfused(tmp_path_factory) -> Path:
+    return mutated_copy(RECIPES / "nvfp4-awq", tmp_path_factory.mktemp("awq") / "src", _awq_unfused)
+
+
 @pytest.mark.parametrize("policy", ["default", "fp8"])
-def test_awq_pre_quant_scale_is_folded_exactly_and_written_as_the_policy_says(convert_once, policy):
-    src_dir = RECIPES / "nvfp4-awq"
+def test_awq_pre_quant_scale_is_folded_exactly_and_written_as_the_policy_says(convert_once, awq_unfused, policy):
+    src_dir = awq_unfused
     dst = convert_once(src_dir, policy, "nvfp4")
     _ok(dst, src_dir)
     src, out = load_all(src_dir), load_all(dst)
@@ -285,7 +324,7 @@ def _awq_experts(t: dict[str, torch.Tensor]) -> None:
 
 def test_awq_routed_experts_kept_nvfp4_are_refused_by_name_and_fold_with_bf16_experts(tmp_path):
     """Synthetic: ModelOpt's export of this model puts no pre_quant_scale on the routed experts."""
-    src_dir = mutated_copy(RECIPES / "nvfp4-awq", tmp_path / "src", _awq_experts)
+    src_dir = mutated_copy(RECIPES / "nvfp4-awq", tmp_path / "src", lambda t: (_awq_unfused(t), _awq_experts(t)))
     line = _refused(src_dir, tmp_path / "dst")
     assert "model.layers.0.mlp.experts.0.gate_proj.pre_quant_scale" in line and str(src_dir) in line
     assert "12 routed expert linear(s) are AWQ" in line and "--experts bf16" in line
