@@ -124,13 +124,15 @@ def prepare(
 def prepare_from_report(src: Path, report: dict, *, allow_outside_links: bool = False) -> Prepared:
     """``prepare`` SRC as the run that wrote ``report`` (its policy and ``inputs``) did: the plan it executed. A report
     from before ``inputs`` was recorded gives the plan of its policy alone."""
-    inputs = report.get("inputs") or {}
-    policy = Policy(report["policy"]["name"], report["policy"]["experts"], inputs.get("mtp_experts"))
-    refs = {}
+    try:
+        inputs = report.get("inputs") or {}
+        policy = Policy(report["policy"]["name"], report["policy"]["experts"], inputs.get("mtp_experts"))
+        refs = {k: Path(inputs[k]) for k in ("attention_from", "mtp_from") if inputs.get(k) is not None}
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise ConvertError(f"the report does not say how the plan was made ({type(e).__name__}: {e})") from None
     for key, option in (("attention_from", "--attention-from"), ("mtp_from", "--mtp-from")):
-        if inputs.get(key) is None:
+        if key not in refs:
             continue
-        refs[key] = Path(inputs[key])
         if not refs[key].exists():
             raise ConvertError(
                 f"the output was converted with {option} {refs[key]} (its report says so); "

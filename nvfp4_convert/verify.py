@@ -335,7 +335,15 @@ class SourceComparison:
     def findings(self) -> list[Finding]:
         plan, out_ckpt, sample = self.plan, self.out_ckpt, self.sample
         expected_config = self.prep.config
+        taken = {k: v for k, v in self.prep.inputs.items() if k.endswith("_from") and v}
         findings = [
+            Finding(
+                "plan rebuilt",
+                str(self.src_ckpt.path),
+                ok=True,
+                detail="from DST's report: "
+                + (", ".join(f"--{k.replace('_', '-')} {v}" for k, v in taken.items()) or "the policy alone"),
+            ),
             Finding(
                 "config vs source",
                 "config.json",
@@ -343,7 +351,7 @@ class SourceComparison:
                 detail="matches the plan"
                 if expected_config == out_ckpt.config
                 else "differs from what the plan writes",
-            )
+            ),
         ]
         copies: list[tuple[int, str]] = []  # (position in findings, tensor): filled once the comparison is done
         seen_experts: dict[str, int] = {}

@@ -486,6 +486,8 @@ def test_verify_source_passes_on_the_mtp_output_and_checks_every_mtp_tensor(conv
     }
     result = verify(dst, source=REPO_FIXTURE)
     assert result["ok"], [f for f in result["findings"] if not f["ok"]][:3]
+    rebuilt = [f["detail"] for f in result["findings"] if f["check"] == "plan rebuilt"]
+    assert rebuilt == [f"from DST's report: --mtp-from {RELEASE.absolute()}"]
     checked = {f["tensor"] for f in result["findings"] if f["check"].startswith("vs source")}
     assert {n for n in mtp_out(dst)} <= checked
     if experts == "nvfp4":
@@ -538,4 +540,13 @@ def test_verify_source_names_the_mtp_reference_it_needs_when_it_is_gone(tmp_path
     run(REPO_FIXTURE, dst, Policy(), mtp_from=ref)
     shutil.rmtree(ref)
     with pytest.raises(ConvertError, match=r"converted with --mtp-from .*ref.*not there"):
+        verify(dst, source=REPO_FIXTURE)
+
+
+@pytest.mark.parametrize("report", [{"policy": 3}, {"policy": {"name": "default"}}, []])
+def test_verify_source_refuses_a_report_that_does_not_say_how_the_plan_was_made(converted, tmp_path, report):
+    dst = tmp_path / "out"
+    shutil.copytree(converted("default", "nvfp4"), dst)
+    (dst / "nvfp4-convert-report.json").write_text(json.dumps(report))
+    with pytest.raises(ConvertError, match="the report does not say how the plan was made"):
         verify(dst, source=REPO_FIXTURE)
