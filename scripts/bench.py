@@ -625,12 +625,15 @@ def bench_ratio(args: argparse.Namespace, caches: list[str]) -> dict:
                         "read_src_and_dst_s": round(r.wall_s, 3),
                         "ratio": round(v.wall_s / r.wall_s, 4),
                         "max_process_rss_bytes": v.max_process_rss,
+                        "tree_rss_bytes": v.tree_rss,  # verify and vLLM's name-mapper child together
+                        "tree_pss_bytes": v.tree_pss,
                         "cpu_s": round(v.cpu_s, 1),
                     }
                 )
                 print(
                     f"  verify --source, round {k + 1}: {v.wall_s:.2f} s, dd O_DIRECT read of SRC and DST "
-                    f"{r.wall_s:.2f} s, ratio {v.wall_s / r.wall_s:.3f}, RSS {gib(v.max_process_rss)}",
+                    f"{r.wall_s:.2f} s, ratio {v.wall_s / r.wall_s:.3f}, RSS {gib(v.max_process_rss)} (largest process; "
+                    f"tree {gib(v.tree_rss)} RSS, {gib(v.tree_pss)} PSS)",
                     flush=True,
                 )
             layout["verify"] = {
