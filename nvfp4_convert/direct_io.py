@@ -274,7 +274,7 @@ def differences(
     offsets (from the range's start) of the differing bytes. Both sides are read ahead at once."""
     if [r.nbytes for r in left] != [r.nbytes for r in right]:
         raise ValueError("differences: ranges of different lengths")
-    chunk = max(BLOCK, CHUNK // 2)  # two sides, two buffers each: 128 MiB in all
+    chunk = max(BLOCK, CHUNK // 4)  # two sides, two buffers each: 64 MiB in all, still long sequential reads
     with ReadAhead(left, cached=cached, chunk=chunk) as a, ReadAhead(right, cached=cached, chunk=chunk) as b:
         for i, r in enumerate(left):
             xs, ys = a.chunks(i), b.chunks(i)

@@ -298,7 +298,7 @@ def mapper_check(dst: Path) -> DroppedNames | None:
 # --- against the source ---------------------------------------------------------------------------
 
 
-BAND_FLOATS = 4 * 1024 * 1024  # float32 values per decoded band of a converted tensor (16 MB)
+BAND_FLOATS = 2 * 1024 * 1024  # float32 values per decoded band of a converted tensor (8 MB)
 
 
 def _rows(info: TensorInfo, sample: int | None) -> list[tuple[int, int]]:
