@@ -6,7 +6,7 @@ import json
 
 import pytest
 import typer
-from conftest import REPO_FIXTURE, SHARED_FIXTURE
+from conftest import REPO_FIXTURE
 from typer.testing import CliRunner
 
 from nvfp4_convert.cli import app, parse_size
@@ -25,9 +25,9 @@ def test_plan_writes_nothing_and_shows_the_actions(tmp_path):
     assert plan["totals"]["input_tensors"] == len(plan["tensors"])
 
 
-def test_run_then_inspect(tmp_path):
+def test_run_then_inspect(tmp_path, source):
     dst = tmp_path / "out"
-    result = runner.invoke(app, ["run", str(SHARED_FIXTURE), str(dst), "--policy", "fp8", "--workers", "1"])
+    result = runner.invoke(app, ["run", str(source), str(dst), "--policy", "fp8", "--workers", "1"])
     assert result.exit_code == 0, result.output
     assert "done" in result.output
     result = runner.invoke(app, ["inspect", str(dst), "--deep", "--json", str(tmp_path / "i.json")])
