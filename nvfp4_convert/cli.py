@@ -344,6 +344,7 @@ def verify_cmd(
         Path | None, typer.Option("--plot", help="with --reference: per-layer error of each module kind (PNG)")
     ] = None,
     json_out: JsonOpt = None,
+    allow_outside_links: LinksOpt = False,
 ) -> None:
     """Check a converted checkpoint: structure for vLLM, values vs the source and/or a BF16 reference."""
 
@@ -356,6 +357,7 @@ def verify_cmd(
             thresholds=Thresholds(
                 max_rel_error=max_rel_error, min_cosine=min_cosine, max_matmul_rel_error=max_matmul_rel_error
             ),
+            allow_outside_links=allow_outside_links,
         )
         table = Table(
             title=f"verify {literal(str(dst))}: {result['checks']} checks, {result['failed']} failed (worst first)"

@@ -322,11 +322,13 @@ class SourceComparison:
     I/O-bound) runs on a thread from construction on, while ``findings()`` decodes the converted
     tensors (CPU-bound) and other checks run."""
 
-    def __init__(self, dst: Path, src: Path, *, sample: int | None = None) -> None:
+    def __init__(self, dst: Path, src: Path, *, sample: int | None = None, allow_outside_links: bool = False) -> None:
         self.sample = sample
         self.out_ckpt = Checkpoint.open(dst)
         # the plan the run executed: its policy and the references it took tensors from (the report's ``inputs``)
-        self.prep = prepare_from_report(src, json.loads((dst / REPORT_JSON).read_text()))
+        self.prep = prepare_from_report(
+            src, json.loads((dst / REPORT_JSON).read_text()), allow_outside_links=allow_outside_links
+        )
         self.src_ckpt, self.plan = self.prep.ckpt, self.prep.plan
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="compare-copies")
         self._copies = None if sample else self._pool.submit(_differing_copies, self.plan.outputs, self.out_ckpt)
@@ -605,15 +607,18 @@ def verify(
     reference: Path | None = None,
     sample: int | None = None,
     thresholds: Thresholds | None = None,
+    allow_outside_links: bool = False,
 ) -> dict[str, Any]:
-    """All requested checks; ``result["ok"]`` is the verdict."""
+    """All requested checks; ``result["ok"]`` is the verdict. ``allow_outside_links``: follow symlinks of SRC (and of
+    the references the run took tensors from) that resolve outside them, as ``run --allow-outside-links`` did; it is
+    the caller's to give, never read from DST's report."""
     # Three things at once: vLLM's mapper on DST's names in a child process (seconds of import, for the structure),
     # the copies compared byte for byte (I/O) and the converted tensors decoded (CPU); the structure is checked last,
     # its findings listed first.
     dropped = mapper_check(dst)
     against = []
     if source is not None and (dst / REPORT_JSON).exists():
-        against = SourceComparison(dst, source, sample=sample).findings()
+        against = SourceComparison(dst, source, sample=sample, allow_outside_links=allow_outside_links).findings()
     findings = check_structure(dst, dropped=dropped)
     structure_ok = all(f.ok for f in findings)
     findings += against

@@ -21,7 +21,7 @@ from conftest import REPO_FIXTURE
 
 from nvfp4_convert import checkpoint
 from nvfp4_convert.checkpoint import INDEX_NAME, Checkpoint, is_plain_name
-from nvfp4_convert.convert import is_same_or_inside, prepare
+from nvfp4_convert.convert import is_same_or_inside, prepare, run
 from nvfp4_convert.errors import ConvertError
 from nvfp4_convert.policy import Policy
 
@@ -160,6 +160,21 @@ def test_a_symlink_leaving_the_source_is_refused_by_name_unless_allowed(tmp_path
     assert "tokenizer.json" in str(e.value)
     ckpt = Checkpoint.open(src, allow_outside_links=True)
     assert ckpt.links == {"tokenizer.json": str((outside / "tokenizer.json").resolve())}
+
+
+def test_verify_follows_outside_links_only_when_told_as_run_was(tmp_path, src):
+    from nvfp4_convert.verify import verify
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "tokenizer.json").write_text("{}")
+    (src / "tokenizer.json").symlink_to(outside / "tokenizer.json")
+    dst = tmp_path / "out"
+    run(src, dst, Policy(), allow_outside_links=True)
+    with pytest.raises(ConvertError, match="outside the source folder: refused"):
+        verify(dst, source=src)  # the report's word is not enough: the user says it again
+    result = verify(dst, source=src, allow_outside_links=True)
+    assert result["ok"], [f for f in result["findings"] if not f["ok"]][:3]
 
 
 def test_a_shard_linked_from_outside_is_refused_before_it_is_opened(tmp_path, src):
