@@ -130,14 +130,12 @@ def prepare_from_report(src: Path, report: dict, *, allow_outside_links: bool = 
         refs = {k: Path(inputs[k]) for k in ("attention_from", "mtp_from") if inputs.get(k) is not None}
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise ConvertError(f"the report does not say how the plan was made ({type(e).__name__}: {e})") from None
-    for key, option in (("attention_from", "--attention-from"), ("mtp_from", "--mtp-from")):
-        if key not in refs:
-            continue
-        if not refs[key].exists():
+    for key, ref in refs.items():
+        if not ref.exists():
             raise ConvertError(
-                f"the output was converted with {option} {refs[key]} (its report says so); "
+                f"the output was converted with --{key.replace('_', '-')} {ref} (its report says so); "
                 "that reference is needed to rebuild the plan and is not there",
-                file=refs[key],
+                file=ref,
             )
     return prepare(
         src,

@@ -326,7 +326,7 @@ def refuse_awq_scale_fused_into_the_moe_norm(inv: Inventory) -> None:
     the file: a shared expert's ``w1``/``w3`` declared AWQ (``quant_algo``) with no ``pre_quant_scale`` left, which AWQ
     gives every linear it quantizes. The error names that layer's norm."""
     for name, module in inv.modules.items():
-        if not re.fullmatch(r"(layers|mtp)\.\d+\.ffn\.shared_experts\.w[13]", name):
+        if module.role != Role.SHARED_EXPERT or not name.endswith((".w1", ".w3")):
             continue
         if "AWQ" not in (module.quant_algo or "").upper() or PRE_QUANT_SCALE in module.params:
             continue

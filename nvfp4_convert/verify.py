@@ -102,7 +102,7 @@ def check_structure(dst: Path, *, dropped: DroppedNames | None = None) -> list[F
     out += _check_expected_modules(inv, ckpt.config)
     out += _check_ignored_layers(inv, ckpt.config)
     out += _check_gate_up(inv)
-    out += _check_vllm_mapper(dropped or DroppedNames(n for n in ckpt.tensors if not n.startswith("mtp.")))
+    out += _check_vllm_mapper(dropped or _dropped_names(ckpt))
     return out
 
 
@@ -286,13 +286,17 @@ def _check_vllm_mapper(dropped: DroppedNames) -> list[Finding]:
 
 
 def mapper_check(dst: Path) -> DroppedNames | None:
-    """vLLM's mapper started on DST's names (the MTP block's aside: vLLM's MTP model maps those), or None when DST's
-    index cannot be read (``check_structure`` says why)."""
+    """vLLM's mapper started on DST's names (``_dropped_names``), or None when DST's index cannot be read
+    (``check_structure`` says why)."""
     try:
-        names = Checkpoint.open(dst).tensors
+        return _dropped_names(Checkpoint.open(dst))
     except ConvertError:
         return None
-    return DroppedNames(n for n in names if not n.startswith("mtp."))
+
+
+def _dropped_names(ckpt: Checkpoint) -> DroppedNames:
+    """vLLM's main-model mapper asked about every name but the MTP block's (vLLM's MTP model maps those)."""
+    return DroppedNames(n for n in ckpt.tensors if not n.startswith("mtp."))
 
 
 # --- against the source ---------------------------------------------------------------------------
@@ -506,11 +510,12 @@ def _compare_reencoded(o: OutputTensor, got: TensorInfo, out_ckpt: Checkpoint, s
     if ws is None or ws2 is None:
         return Finding("vs source: mxfp4 -> nvfp4", o.name, ok=False, detail="weight_scale(_2) missing")
     floor = 2.0 ** (int(o.value or 0) + E4M3_MIN_EXP)  # the smallest block scale under the global scale
+    global_scale = read_tensor(ws2)
     requantized = bad = 0
     for a, b in _rows(got, sample):
         want = decode_rows(o.sources, a, b)
         have = NVFP4.decode(
-            {"weight": read_rows(got, a, b), "weight_scale": read_rows(ws, a, b), "weight_scale_2": read_tensor(ws2)}
+            {"weight": read_rows(got, a, b), "weight_scale": read_rows(ws, a, b), "weight_scale_2": global_scale}
         )
         differ = (have != want).reshape(want.shape[0], -1, 16)
         if not bool(differ.any()):
