@@ -60,3 +60,25 @@ def modelopt_value(tensors: Tensors, module: str) -> torch.Tensor:
     if w.dtype == torch.float8_e4m3fn:
         return w.to(torch.float32) * tensors[f"{module}.weight_scale"].to(torch.float32)
     return w.to(torch.float32)
+
+
+def plant(good: Path, dst: Path, change: Callable[[Tensors], None] | None = None, config=None) -> Path:
+    """A copy of a finished conversion with one fault planted (tensors rewritten as one shard)."""
+    shutil.copytree(good, dst)
+    tensors = load_all(good)
+    if change:
+        change(tensors)
+        for shard in dst.glob("*.safetensors"):
+            shard.unlink()
+        save_file({k: v.contiguous() for k, v in tensors.items()}, dst / "model-00001-of-00001.safetensors")
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {
+            "metadata": {"total_size": size},
+            "weight_map": dict.fromkeys(tensors, "model-00001-of-00001.safetensors"),
+        }
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    if config:
+        cfg = json.loads((dst / "config.json").read_text())
+        config(cfg)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst

@@ -3,43 +3,19 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import REPO_FIXTURE
-from helpers import load_all
-from safetensors.torch import save_file
+from helpers import plant
 from typer.testing import CliRunner
 
 from nvfp4_convert.cli import app
 from nvfp4_convert.verify import verify
 
 REF = REPO_FIXTURE.parent / "tiny-dsv4-ref"
-
-
-def plant(good: Path, dst: Path, change: Callable[[dict[str, torch.Tensor]], None] | None = None, config=None) -> Path:
-    """A copy of a finished conversion with one fault planted (tensors rewritten as one shard)."""
-    shutil.copytree(good, dst)
-    tensors = load_all(good)
-    if change:
-        change(tensors)
-        for shard in dst.glob("*.safetensors"):
-            shard.unlink()
-        save_file({k: v.contiguous() for k, v in tensors.items()}, dst / "model-00001-of-00001.safetensors")
-        size = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = {
-            "metadata": {"total_size": size},
-            "weight_map": dict.fromkeys(tensors, "model-00001-of-00001.safetensors"),
-        }
-        (dst / "model.safetensors.index.json").write_text(json.dumps(index))
-    if config:
-        cfg = json.loads((dst / "config.json").read_text())
-        config(cfg)
-        (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
 
 
 def _set(name, fn):
