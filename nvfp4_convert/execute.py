@@ -124,7 +124,8 @@ def produce(out: OutputTensor, writer: TensorSink, scales: dict[str, list[torch.
         ws = read_tensor(src)
         if is_block_scale(src):
             check_block_scales(ws, src)
-        writer.write(fmt.restate(src.name.rpartition(".")[2], ws, out.shape))
+        restated = fmt.restate(src.name.rpartition(".")[2], ws, out.shape)
+        writer.write(restated if out.value is None else fold_block_scales(restated, float(out.value))[0])
     else:
         raise ValueError(f"unknown op {out.op!r}")
 

@@ -11,7 +11,8 @@ An ``OutputTensor`` says how to make one output tensor from source tensors (``op
 - ``fold_scale``: an NVFP4 ``weight_scale`` times ``value`` (< 1), rounded to e4m3 (trap 6).
 - ``scalar``: the float32 scalar ``value`` (a folded ``weight_scale_2``; an MTP expert's ``2^m`` or ``input_scale``).
 - ``restate``: the first source (a parameter of a module kept as routed expert) re-encoded exactly into the output
-  shape by its format (``Format.restate``; the other sources are the module's tensors its format is recognised by).
+  shape by its format (``Format.restate``; the other sources are the module's tensors its format is recognised by),
+  then, where ``value`` is set, folded as ``fold_scale`` (an expert half whose gate/up global scales differ).
 - ``mx_nvfp4_weight`` / ``mx_nvfp4_scale``: an MTP routed expert in MXFP4 (or a BF16 cast of it, recovered) re-encoded
   as NVFP4 under the global scale ``2^value`` (``codecs.mxfp4_to_nvfp4``): E2M1 bytes kept, block scales ``2^(k-m)``.
 
@@ -363,27 +364,26 @@ def _keep_nvfp4_expert(
         if prefix not in fixes:  # reads the rescaled half's block scales: once per expert, not per half
             fixes[prefix] = _gate_up_fix(prefix, experts)
         fix = fixes[prefix]
-    if fix and restated:
-        raise ConvertError(
-            f"gate and up global scales differ on a {fmt.label} expert that is re-encoded as "
-            f"{KEPT_EXPERT_FORMAT.label}: folding both is not supported; convert with --experts bf16",
-            file=w.file,
-            tensor=w.name,
-        )
+    rescaled = fix if fix is not None and fix.rescaled == half else None  # this half's block scales are folded
     for param, info in module.params.items():
         out = _out_name(module, param)
+        fold = rescaled if param == "weight_scale" else None
         if param in restated:
             dtype, shape = restated[param]
             others = tuple(t for p, t in module.params.items() if p != param)
-            plan.outputs.append(OutputTensor(out, dtype, shape, "restate", (info, *others)))
+            # restated, then folded (``value``): both elementwise on the block scales, so they commute
+            ratio = fold.ratio if fold else None
+            plan.outputs.append(OutputTensor(out, dtype, shape, "restate", (info, *others), ratio))
             reason = f"{fmt.label} re-encoded exactly as {KEPT_EXPERT_FORMAT.label} {list(info.shape)} -> {list(shape)}"
+            reason += f"; {_fold_reason(fold)}" if fold else ""
             plan.accounts.append(Account(info.name, "rescaled", (out,), reason, module.role.value, info.nbytes))
-        elif fix and fix.rescaled == half and param == "weight_scale":
-            plan.outputs.append(OutputTensor(out, info.dtype, info.shape, "fold_scale", (info,), fix.ratio))
-            reason = f"gate/up global scales differ ({fix.gate_scale_2:g} vs {fix.up_scale_2:g}): block scales x {fix.ratio:.6g}"
-            plan.accounts.append(Account(info.name, "rescaled", (out,), reason, module.role.value, info.nbytes))
-        elif fix and fix.rescaled == half and param == "weight_scale_2":
-            value = max(fix.gate_scale_2, fix.up_scale_2)
+        elif fold:
+            plan.outputs.append(OutputTensor(out, info.dtype, info.shape, "fold_scale", (info,), fold.ratio))
+            plan.accounts.append(
+                Account(info.name, "rescaled", (out,), _fold_reason(fold), module.role.value, info.nbytes)
+            )
+        elif rescaled and param == "weight_scale_2":
+            value = max(rescaled.gate_scale_2, rescaled.up_scale_2)
             plan.outputs.append(OutputTensor(out, "F32", info.shape, "scalar", (info,), value))
             plan.accounts.append(
                 Account(
@@ -399,6 +399,10 @@ def _keep_nvfp4_expert(
             _copy(plan, info, out, module.role)
     if fix and half == "w1":
         plan.fixes.append(fix)
+
+
+def _fold_reason(fix: GateUpFix) -> str:
+    return f"gate/up global scales differ ({fix.gate_scale_2:g} vs {fix.up_scale_2:g}): block scales x {fix.ratio:.6g}"
 
 
 MX_INPUT_SCALE_NOTE = (

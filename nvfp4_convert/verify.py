@@ -481,12 +481,12 @@ def _compare(o: OutputTensor, got: TensorInfo, out_ckpt: Checkpoint, sample: int
         return _compare_reencoded(o, got, out_ckpt, sample)
     if o.op == "mx_nvfp4_scale":
         return Finding("vs source: mxfp4 -> nvfp4", o.name, ok=True, detail="checked with its weight")
-    if o.op == "fold_scale":
-        have, want = (
-            read_tensor(got).to(torch.float32),
-            read_tensor(o.sources[0]).to(torch.float32) * float(o.value or 1),
-        )
-        ok = bool(((have - want).abs() <= want.abs() * 2**-4 + 2**-9).all())
+    if o.op == "fold_scale" or (o.op == "restate" and o.value is not None):
+        want = read_tensor(o.sources[0])
+        if o.op == "restate":  # restated (exact), then folded
+            want = of_sources(o.sources)[0].restate(o.sources[0].name.rpartition(".")[2], want, o.shape)
+        have, want = read_tensor(got).to(torch.float32), want.to(torch.float32) * float(o.value or 1)
+        ok = have.shape == want.shape and bool(((have - want).abs() <= want.abs() * 2**-4 + 2**-9).all())
         return Finding("vs source: folded scale", o.name, ok=ok, detail="" if ok else "rescaled block scales off")
     if o.op == "restate":  # the whole module decoded from the output equals the source's, bit for bit
         module = o.name.rpartition(".")[0]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_all, modelopt_value, mutated_copy
+from helpers import load_all, modelopt_value, mutated_copy, plant
 from typer.testing import CliRunner
 
 from nvfp4_convert.cli import app
@@ -183,6 +183,47 @@ def test_block_32_routed_experts_kept_nvfp4_are_re_encoded_exactly_to_block_16(t
         assert accounts[f"{module}.weight_scale"]["action"] == "rescaled"
     quant = json.loads((dst / "hf_quant_config.json").read_text())["quantization"]
     assert {v["group_size"] for v in quant["quantized_layers"].values()} == {16}
+
+
+def _experts_block_32_gate_scaled(t: dict[str, torch.Tensor]) -> None:
+    """Block-32 experts whose gate global scale is 3/4 of up's: vLLM fuses w1/w3 under one ``weight_scale_2``."""
+    _experts_block_32(t)
+    for n in [n for n in t if ".mlp.experts." in n and n.endswith(".gate_proj.weight_scale_2")]:
+        t[n] = t[n.replace(".gate_proj.", ".up_proj.")] * 0.75
+
+
+def test_block_32_experts_with_differing_gate_up_scales_are_restated_and_folded(tmp_path):
+    src_dir = mutated_copy(RECIPES / "nvfp4-bs32", tmp_path / "src", _experts_block_32_gate_scaled)
+    dst = tmp_path / "dst"
+    result = CliRunner().invoke(app, ["run", str(src_dir), str(dst), "--quiet", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    _ok(dst, src_dir)
+    src, out = load_all(src_dir), load_all(dst)
+    accounts = _accounts(dst)
+    gates = sorted({n.rsplit(".", 1)[0] for n in src if ".mlp.experts." in n and ".gate_proj." in n})
+    assert len(gates) == 16
+    for gate in gates:
+        up = gate.replace(".gate_proj", ".up_proj")
+        w1, w3 = (to_native(f"{m}.weight").removesuffix(".weight") for m in (gate, up))
+        # one global scale for both halves (up's, the larger); gate's block scales x gate/up (float32, ~0.75),
+        # rounded by torch's e4m3 cast
+        assert out[f"{w1}.weight_scale_2"] == out[f"{w3}.weight_scale_2"] == src[f"{up}.weight_scale_2"]
+        ratio = src[f"{gate}.weight_scale_2"].float() / src[f"{up}.weight_scale_2"].float()
+        want = (src[f"{gate}.weight_scale"].float() * ratio).to(torch.float8_e4m3fn).view(torch.uint8)
+        assert torch.equal(out[f"{w1}.weight_scale"].view(torch.uint8), want.repeat_interleave(2, dim=1)), w1
+        assert torch.equal(modelopt_value(out, w3), modelopt_value(src, up))  # up: restated only, identical values
+        assert _same_bytes(out[f"{w1}.weight"], src[f"{gate}.weight"])
+        assert "x 0.75" in accounts[f"{gate}.weight_scale"]["reason"]
+    # verify checks the restated-and-folded scales: the gate scales written unfolded (restated only) fail
+    w1 = to_native(f"{gates[0]}.weight").removesuffix(".weight")
+
+    def unfolded(t: dict[str, torch.Tensor]) -> None:
+        t[f"{w1}.weight_scale"] = src[f"{gates[0]}.weight_scale"].repeat_interleave(2, dim=1)
+
+    bad = verify(plant(dst, tmp_path / "bad", unfolded), source=src_dir)
+    assert [(f["check"], f["tensor"]) for f in bad["findings"] if not f["ok"]] == [
+        ("vs source: folded scale", f"{w1}.weight_scale")
+    ]
 
 
 def test_nvfp4_embedding_and_lm_head_are_written_bf16_bit_exact(convert_once):
