@@ -1,7 +1,7 @@
 """Every source tensor, renamed to native and grouped into modules with a role and a storage format.
 
 The format of a linear is decided per module from the dtypes and companions on disk, never from
-the config (CONTRACT.md section 1): the ``formats`` registry recognises it (``nvfp4``, ``nvfp4_32``, ``fp8``,
+the config (CONTRACT.md section 1): the ``formats`` registry recognises it (``nvfp4`` and its block sizes, ``fp8``,
 ``fp8_tensor``, ``mxfp4``, ``dense``: see each format's module) and the format validates it. Non-linear
 tensors are modules of format ``tensor`` with a single unnamed parameter.
 

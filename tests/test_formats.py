@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 from nvfp4_convert import formats
 from nvfp4_convert.codecs import quantize_mxfp4, quantize_nvfp4
 from nvfp4_convert.errors import ConvertError
-from nvfp4_convert.formats import DENSE, FP8_BLOCK_FORMAT, FP8_TENSOR, MXFP4, NVFP4, NVFP4_32
+from nvfp4_convert.formats import DENSE, FP8_BLOCK_FORMAT, FP8_TENSOR, MXFP4, NVFP4
+from nvfp4_convert.formats.nvfp4 import NVFP4_32
 from nvfp4_convert.safetensors_io import TensorInfo, read_header
 
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]

@@ -1,6 +1,6 @@
 """Number formats of a linear's weight, one module each, and the registry that tells them apart.
 
-- ``nvfp4``: ModelOpt NVFP4, block 16 (``NVFP4``) and block 32 (``NVFP4_32``)
+- ``nvfp4``: ModelOpt NVFP4, every block size it reads (``NVFP4_VARIANTS``: block 32, and block 16 ``NVFP4``)
 - ``fp8_block``: e4m3 ``weight`` + e8m0/float32 128x128 ``scale`` (``FP8_BLOCK_FORMAT``; an output format)
 - ``fp8_tensor``: ModelOpt per-tensor FP8, e4m3 ``weight`` + float32 scalar ``weight_scale`` (``FP8_TENSOR``)
 - ``mxfp4``: DeepSeek's release MXFP4, int8 ``weight`` + E8M0 ``scale`` per 32 (``MXFP4``)
@@ -26,11 +26,12 @@ from .dense import DENSE
 from .fp8_block import FP8_BLOCK_FORMAT
 from .fp8_tensor import FP8_TENSOR
 from .mxfp4 import MXFP4
-from .nvfp4 import NVFP4, NVFP4_32
+from .nvfp4 import NVFP4, NVFP4_VARIANTS
 
-# In recognition order: the first that claims a module's tensors is its format (NVFP4 block 32 before block 16,
-# per-tensor FP8 before block FP8, so that the catch-all of each dtype comes last and names what is wrong).
-ALL: tuple[Format, ...] = (NVFP4_32, NVFP4, FP8_TENSOR, FP8_BLOCK_FORMAT, MXFP4, DENSE)
+# In recognition order: the first that claims a module's tensors is its format (NVFP4's block sizes in its own
+# order, block 16 last; per-tensor FP8 before block FP8), so that the catch-all of each dtype comes last and names
+# what is wrong.
+ALL: tuple[Format, ...] = (*NVFP4_VARIANTS, FP8_TENSOR, FP8_BLOCK_FORMAT, MXFP4, DENSE)
 FORMATS: dict[str, Format] = {f.name: f for f in ALL}
 
 __all__ = [
@@ -41,7 +42,7 @@ __all__ = [
     "FP8_TENSOR",
     "MXFP4",
     "NVFP4",
-    "NVFP4_32",
+    "NVFP4_VARIANTS",
     "PRE_QUANT_SCALE",
     "Format",
     "Params",

@@ -113,6 +113,9 @@ class Nvfp4(Format):
 
 NVFP4 = Nvfp4(FP4_BLOCK)
 NVFP4_32 = Nvfp4(32)
+# Every NVFP4 the registry recognises, in order: a larger block claims a weight by its scales' exact shape, block 16
+# (the catch-all that names what is wrong) comes last. A new block size is one more instance here, nothing else.
+NVFP4_VARIANTS: tuple[Nvfp4, ...] = (NVFP4_32, NVFP4)
 
 
 def is_block_scale(info: TensorInfo) -> bool:
