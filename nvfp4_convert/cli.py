@@ -16,7 +16,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -33,19 +33,19 @@ from rich.progress import (
 from rich.table import Table
 
 from . import __version__
-from .convert import IOMode, Prepared, prepare, run
 from .errors import ConvertError
-from .execute import default_workers
-from .inspect import inspect_checkpoint
-from .plan import Plan
+from .options import ExpertFormat, IOMode, Preset, Thresholds
 from .plots import graft_series, layer_series, plot_layer_series, require_matplotlib
-from .policy import ExpertFormat, Policy, Preset
-from .preflight.check import Options as PreflightOptions
-from .preflight.check import Unavailable, preflight
+from .prefetch import Prefetch
 from .preflight.faults import FAULTS
 from .probe import probe_cmd
-from .report import summary_tables
-from .verify import Thresholds, verify
+
+if TYPE_CHECKING:
+    from .convert import Prepared
+    from .plan import Plan
+
+# The library (torch) is imported by the commands that use it, not here: ``--help`` answers at once, and ``run``
+# starts reading the source (``Prefetch``) while torch is being imported.
 
 app = typer.Typer(
     add_completion=False,
@@ -128,6 +128,8 @@ def parse_size(text: str) -> int:
 
 
 def _print_plan(plan: Plan) -> None:
+    from .report import summary_tables
+
     out.print(f"[bold]{literal(str(plan.source))}[/] ({plan.naming} names)")
     out.print(plan.policy.describe())
     for table in summary_tables(plan):
@@ -146,6 +148,15 @@ def _print_plan(plan: Plan) -> None:
         out.print(f"[yellow]note:[/] {literal(note)}")
 
 
+def _prepare(src: Path, choice: tuple[Preset, ExpertFormat, ExpertFormat | None], **options: Any) -> Prepared:
+    """``convert.prepare``: read and plan SRC with the chosen ``--policy``, ``--experts`` and ``--mtp-experts``."""
+    from .convert import prepare
+    from .policy import Policy
+
+    policy, experts, mtp_experts = choice
+    return prepare(src, Policy(policy.value, experts.value, mtp_experts.value if mtp_experts else None), **options)
+
+
 @app.command("plan")
 def plan_cmd(
     src: Annotated[Path, typer.Argument(help="ModelOpt NVFP4 checkpoint directory")],
@@ -162,9 +173,9 @@ def plan_cmd(
     """Show what `run` would do, writing nothing."""
 
     def go() -> None:
-        prep = prepare(
+        prep = _prepare(
             src,
-            Policy(policy.value, experts.value, mtp_experts.value if mtp_experts else None),
+            (policy, experts, mtp_experts),
             shard_bytes=parse_size(shard_size),
             pass_unknown=pass_unknown,
             attention_from=attention_from,
@@ -214,16 +225,22 @@ def run_cmd(
         _fail_cleanly(require_matplotlib)
 
     def go() -> None:
-        prep = prepare(
-            src,
-            Policy(policy.value, experts.value, mtp_experts.value if mtp_experts else None),
-            shard_bytes=parse_size(shard_size),
-            pass_unknown=pass_unknown,
-            attention_from=attention_from,
-            allow_outside_links=allow_outside_links,
-            mtp_from=mtp_from,
-        )
-        report = _run(prep, dst, workers=workers, resume=resume, quiet=quiet, io=io.value)
+        # the disk reads the source's first bytes while torch is imported and the plan is made; ``run`` stops it
+        warming = Prefetch.start(src) if io != IOMode.DIRECT else None  # direct: no page cache, as asked
+        try:
+            prep = _prepare(
+                src,
+                (policy, experts, mtp_experts),
+                shard_bytes=parse_size(shard_size),
+                pass_unknown=pass_unknown,
+                attention_from=attention_from,
+                allow_outside_links=allow_outside_links,
+                mtp_from=mtp_from,
+            )
+        finally:
+            if warming is not None:
+                warming.stop()
+        report = _run(prep, dst, workers=workers, resume=resume, quiet=quiet, io=io.value, warmed=warming)
         if plot is not None:
             panels = graft_series(report.get("graft_errors") or [])
             plot_layer_series(panels, plot, f"{src.name} grafted from {attention_from.name if attention_from else ''}")
@@ -232,8 +249,20 @@ def run_cmd(
     _fail_cleanly(go, on_interrupt="run the same command again with --resume to continue")
 
 
-def _run(prep: Prepared, dst: Path, *, workers: int, resume: bool, quiet: bool, io: str = "auto") -> dict:
+def _run(
+    prep: Prepared,
+    dst: Path,
+    *,
+    workers: int,
+    resume: bool,
+    quiet: bool,
+    io: str = "auto",
+    warmed: Prefetch | None = None,
+) -> dict:
     """Run the prepared conversion into DST with a progress bar; print the summary line."""
+    from .convert import run
+    from .execute import default_workers
+
     if prep.inventory.unknown:
         console.print(
             f"[bold yellow]warning:[/] passing {len(prep.inventory.unknown)} unrecognised tensor(s) through: {sorted(prep.inventory.unknown)[:5]}"
@@ -267,6 +296,7 @@ def _run(prep: Prepared, dst: Path, *, workers: int, resume: bool, quiet: bool, 
             progress=advance,
             prepared=prep,
             io=io,
+            prefetched=warmed.summary() if warmed else None,
         )
     t = report["totals"]
     secs = report["timing"]["seconds"]
@@ -288,6 +318,8 @@ def inspect_cmd(
     """What a checkpoint holds: naming, formats, layers, experts, MTP, scale problems."""
 
     def go() -> None:
+        from .inspect import inspect_checkpoint
+
         info = inspect_checkpoint(path, deep=deep)
         out.print(
             f"[bold]{info['path']}[/]: {info['status']}, {info['naming']} names, quant_method {info['quant_method']}"
@@ -349,6 +381,8 @@ def verify_cmd(
     """Check a converted checkpoint: structure for vLLM, values vs the source and/or a BF16 reference."""
 
     def go() -> None:
+        from .verify import verify
+
         result = verify(
             dst,
             source=source,
@@ -402,7 +436,9 @@ def demo_cmd(
     out.print(f"[bold]demo[/]: {literal(str(DEMO_FIXTURE))} -> {literal(str(dst))}")
 
     def go() -> None:
-        prep = prepare(DEMO_FIXTURE, Policy(policy.value, experts.value))
+        from .inspect import inspect_checkpoint
+
+        prep = _prepare(DEMO_FIXTURE, (policy, experts, None))
         _print_plan(prep.plan)
         _run(prep, dst, workers=1, resume=False, quiet=True)
         info = inspect_checkpoint(dst)
@@ -466,6 +502,9 @@ def preflight_cmd(
     if device not in ("auto", "cuda", "cpu"):
         _error(f"unknown device {device!r} (auto, cuda or cpu)")
         raise typer.Exit(2)
+    from .preflight.check import Options as PreflightOptions
+    from .preflight.check import Unavailable, preflight
+
     opts = PreflightOptions(
         policy=policy.value,
         experts=experts.value,

@@ -16,7 +16,6 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field, replace
-from enum import Enum
 from pathlib import Path
 
 from . import direct_io, formats, model_shapes
@@ -27,6 +26,7 @@ from .execute import PHASES, Progress, ShardResult, write_shards
 from .graft import REPLACED_REASON, Graft, graft, graft_errors
 from .inventory import Inventory, Role, build_inventory, source_format
 from .mtp import MTP_REPLACED_REASON, MtpBlock, has_mtp, take_mtp
+from .options import IOMode
 from .plan import DEFAULT_SHARD_BYTES, Account, Plan, build_plan
 from .policy import ExpertFormat, Policy, Target
 from .report import REPORT_JSON, REPORT_TEXT, render_text, report_dict
@@ -262,11 +262,14 @@ def run(
     io: str = "auto",
     allow_outside_links: bool = False,
     mtp_from: Path | None = None,
+    prefetched: dict | None = None,
 ) -> dict:
     """Convert SRC into DST; returns the report dict.
 
     ``io``: ``direct`` (``O_DIRECT``: no page cache), ``buffered`` (page cache, ``copy_file_range``)
-    or ``auto`` (direct where both filesystems accept it). The bytes written are the same.
+    or ``auto`` (direct where both filesystems accept it, reading from the page cache what is there already:
+    whole files mostly there, and every chunk of the others found there). The bytes written are the same.
+    ``prefetched``: what a ``prefetch.Prefetch`` read of SRC while the run started (its ``summary()``), for the report.
     """
     t0 = time.monotonic()
     prep = prepared or prepare(
@@ -295,7 +298,16 @@ def run(
         with destination_lock(dst):
             locked = True
             return _run_locked(
-                src, dst, prep, t0=t0, resume=resume, workers=workers, io=io, progress=progress, created=created
+                src,
+                dst,
+                prep,
+                t0=t0,
+                resume=resume,
+                workers=workers,
+                io=io,
+                progress=progress,
+                created=created,
+                prefetched=prefetched,
             )
     except BaseException:
         # refused before a byte was written: leave no trace (never for a DST another run holds)
@@ -315,6 +327,7 @@ def _run_locked(
     io: str,
     progress: Progress | None,
     created: bool,
+    prefetched: dict | None = None,
 ) -> dict:
     """``run`` once DST is locked: its state is read and written by this process alone."""
     plan = prep.plan
@@ -358,7 +371,14 @@ def _run_locked(
         t_start = time.monotonic()
         try:
             results = write_shards(
-                todo, dst, workers=workers, direct=direct, cached=cached, progress=progress, on_done=on_done
+                todo,
+                dst,
+                workers=workers,
+                direct=direct,
+                cached=cached,
+                probe_cache=direct and io == "auto",  # chunks a prefetch (or anything) put in the page cache
+                progress=progress,
+                on_done=on_done,
             )
         except OSError as e:
             raise ConvertError(f"write failed: {e.strerror or e}; free space and rerun with --resume", file=dst) from e
@@ -369,6 +389,8 @@ def _run_locked(
             "shards_seconds": round(t_shards, 3),
             "io": "direct" if direct else "buffered",
             "reads_through_page_cache": sorted(p.name for p in cached),
+            "bytes_read_from_page_cache": sum(r.cached_bytes for r in results),
+            **({"prefetch": prefetched} if prefetched else {}),
             "phases": {
                 "prepare": round(t_start - t0, 3),
                 **{k: round(sum(r.seconds.get(k, 0.0) for r in results), 3) for k in PHASES if k != "wall"},
@@ -389,14 +411,6 @@ def _run_locked(
             ) from e
         state.remove()
     return report
-
-
-class IOMode(str, Enum):
-    """``--io``: how shards are written and expert bytes copied (see ``run``)."""
-
-    AUTO = "auto"
-    DIRECT = "direct"
-    BUFFERED = "buffered"
 
 
 IO_MODES = tuple(m.value for m in IOMode)

@@ -21,11 +21,15 @@ Contract:
 - ``ReadAhead(ranges)`` reads a list of ranges, of any number of files, in order on a background
   thread, one ``CHUNK`` ahead of its consumer: the disk keeps reading while the consumer writes,
   across range and file boundaries. Files in ``cached`` are read through the page cache (they are
-  there: a copy from memory), the others with ``O_DIRECT``; the bytes are the same.
+  there: a copy from memory), the others with ``O_DIRECT``; with ``probe_cache``, each chunk of those whose
+  pages are all in the page cache already (``in_page_cache``: read there by ``prefetch``, say) is read from
+  there, so no byte is read twice from the disk. The bytes are the same either way; ``cached_bytes`` counts
+  those read through the page cache.
 - ``differences(left, right)`` compares two lists of equally long ranges, both read ahead at once
   (two threads), and yields where they differ: ``verify``'s byte comparison at the disk's speed.
-- ``cached_fraction(path)`` is the share of a file's pages in the page cache (``mincore``); ``read_from_cache``
-  picks, of a set of files, those a ``ReadAhead`` should read through the page cache.
+- ``cached_fraction(path)`` is the share of a file's pages in the page cache, ``in_page_cache(fd, start, end)``
+  whether all of a span's are (``mincore``: nothing is read); ``read_from_cache`` picks, of a set of files, those a
+  ``ReadAhead`` should read wholly through the page cache.
 - ``refusal(directory, sample)`` says why a filesystem refuses ``O_DIRECT`` (None: it accepts it).
 
 Memory: one read buffer and one staging buffer of ``CHUNK`` bytes per thread that uses them, two
@@ -164,11 +168,16 @@ def read_chunks(path: Path, start: int, nbytes: int) -> Iterator[tuple[int, memo
         os.close(fd)
 
 
+def _aligned_span(pos: int, end: int, nbytes: int) -> tuple[int, int]:
+    """The ``BLOCK``-aligned span of at most ``nbytes`` that one read from ``pos`` towards ``end`` covers."""
+    a0 = pos - pos % BLOCK
+    return a0, min(-(-end // BLOCK) * BLOCK, a0 + nbytes)
+
+
 def _read_aligned(fd: int, buf: memoryview, pos: int, end: int, path: Path) -> tuple[int, int]:
     """One read of ``buf``'s length at most, from the block holding ``pos`` (aligned for ``O_DIRECT``):
     ``(lo, n)``, the bytes ``[pos, pos + n)`` of the file being ``buf[lo : lo + n]``."""
-    a0 = pos - pos % BLOCK
-    a1 = min(-(-end // BLOCK) * BLOCK, a0 + len(buf))
+    a0, a1 = _aligned_span(pos, end, len(buf))
     got = os.preadv(fd, [buf[: a1 - a0]], a0)
     n = min(end, a0 + got) - pos
     if n <= 0:
@@ -198,12 +207,15 @@ class ReadAhead:
         ranges: Sequence[Range],
         *,
         cached: frozenset[Path] = frozenset(),
+        probe_cache: bool = False,
         depth: int = 2,
         chunk: int | None = None,
     ) -> None:
         self.ranges = list(ranges)
         self.cached = cached
+        self.probe_cache = probe_cache
         self.read_seconds = 0.0
+        self.cached_bytes = 0
         self._free: queue.Queue[memoryview | None] = queue.Queue()
         for _ in range(depth):  # the buffers' size is the size of each read: ``chunk``, a multiple of BLOCK
             self._free.put(memoryview(mmap.mmap(-1, chunk or CHUNK)))
@@ -216,8 +228,9 @@ class ReadAhead:
     def _read_all(self) -> None:
         try:
             for r in self.ranges:
-                flags = os.O_RDONLY | (0 if r.path in self.cached else os.O_DIRECT)
-                fd = os.open(r.path, flags)
+                whole = r.path in self.cached
+                fd = os.open(r.path, os.O_RDONLY | (0 if whole else os.O_DIRECT))
+                buffered = fd if whole else -1  # opened for the first chunk found in the page cache
                 try:
                     pos, end = r.start, r.start + r.nbytes
                     while pos < end:
@@ -225,12 +238,20 @@ class ReadAhead:
                         if buf is None or self._stop:
                             return
                         t = time.perf_counter()
-                        lo, n = _read_aligned(fd, buf, pos, end, r.path)
+                        use = fd
+                        if whole or (self.probe_cache and in_page_cache(fd, *_aligned_span(pos, end, len(buf)))):
+                            if buffered < 0:
+                                buffered = os.open(r.path, os.O_RDONLY)
+                            use = buffered
+                        lo, n = _read_aligned(use, buf, pos, end, r.path)
                         self.read_seconds += time.perf_counter() - t
+                        self.cached_bytes += n if use == buffered else 0
                         self._full.put((pos, buf, lo, n))
                         pos += n
                 finally:
                     os.close(fd)
+                    if buffered not in (-1, fd):
+                        os.close(buffered)
         except BaseException as e:  # handed to the consumer, raised there
             self._full.put(e)
 
@@ -332,33 +353,49 @@ def read_from_cache(files: Iterable[Path]) -> frozenset[Path]:
 
 
 def cached_fraction(path: Path) -> float:
-    """The share of ``path``'s pages that are in the page cache (``mincore`` on a read-only
-    mapping: nothing is read). 0.0 where it cannot be told (an empty file, no ``mincore``)."""
+    """The share of ``path``'s pages that are in the page cache (``mincore``: nothing is read). 0.0 where it cannot
+    be told (an empty file, no ``mincore``)."""
     size = path.stat().st_size
     if size == 0:
         return 0.0
-    try:
-        libc = _libc()
-    except (OSError, AttributeError):
-        return 0.0
-    page = mmap.PAGESIZE
     window = 1 << 30  # mapped a GiB at a time
-    vec = (ctypes.c_ubyte * (window // page))()
     resident = 0
     with open(path, "rb") as f:
         for off in range(0, size, window):
-            n = min(window, size - off)
-            addr = libc.mmap(None, n, _PROT_READ, _MAP_SHARED, f.fileno(), off)
-            if addr in (None, _MAP_FAILED):
+            pages = _resident_pages(f.fileno(), off, min(size, off + window))
+            if pages is None:
                 return 0.0
-            try:
-                if libc.mincore(addr, n, vec) != 0:
-                    return 0.0
-                pages = -(-n // page)
-                resident += sum(b & 1 for b in bytes(vec)[:pages])
-            finally:
-                libc.munmap(addr, n)
-    return resident / -(-size // page)
+            resident += pages
+    return resident / -(-size // mmap.PAGESIZE)
+
+
+def in_page_cache(fd: int, start: int, end: int) -> bool:
+    """Whether every page of ``[start, end)`` of ``fd`` is in the page cache (False where it cannot be told)."""
+    page = mmap.PAGESIZE
+    return end <= start or _resident_pages(fd, start, end) == -(-end // page) - start // page
+
+
+def _resident_pages(fd: int, start: int, end: int) -> int | None:
+    """How many of the pages holding ``[start, end)`` of ``fd`` are in the page cache (``mincore`` on a read-only
+    mapping of them), ``None`` where it cannot be told (no ``mincore``, a file that cannot be mapped)."""
+    try:
+        libc = _libc()
+    except (OSError, AttributeError):
+        return None
+    page = mmap.PAGESIZE
+    a0 = start - start % page
+    length = end - a0
+    pages = -(-length // page)
+    addr = libc.mmap(None, length, _PROT_READ, _MAP_SHARED, fd, a0)
+    if addr in (None, _MAP_FAILED):
+        return None
+    try:
+        vec = ctypes.create_string_buffer(pages)
+        if libc.mincore(addr, length, vec) != 0:
+            return None
+        return int(np.count_nonzero(np.frombuffer(vec, np.uint8, count=pages) & 1))
+    finally:
+        libc.munmap(addr, length)
 
 
 def reads_direct(path: Path) -> bool:

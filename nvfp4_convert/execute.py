@@ -46,11 +46,13 @@ Progress = Callable[[int, int], None]  # (bytes written, tensors written) since 
 
 @dataclass(frozen=True)
 class ShardResult:
-    """A finished shard; ``seconds``: where its time went (``PHASES``, thread-seconds: the phases overlap)."""
+    """A finished shard; ``seconds``: where its time went (``PHASES``, thread-seconds: the phases overlap);
+    ``cached_bytes``: the copied bytes read from the page cache (``ReadAhead``), not from the disk."""
 
     file: str
     size: int
     seconds: dict[str, float] = field(default_factory=dict)
+    cached_bytes: int = 0
 
 
 # read: source bytes copied (read-ahead thread); write: bytes into the shard (all threads);
@@ -189,6 +191,7 @@ def write_shard(
     *,
     direct: bool = False,
     cached: frozenset[Path] = frozenset(),
+    probe_cache: bool = False,
 ) -> ShardResult:
     """Write one shard atomically; report progress per chunk and tensor.
 
@@ -197,13 +200,15 @@ def write_shard(
     its experts. Both release the GIL; the bytes are the same whatever the timing, and whether
     the file is written with ``O_DIRECT`` (``direct``) or through the page cache. With ``direct``,
     a read-ahead thread reads the copied bytes of the whole shard in order, across source files,
-    while they are written: through the page cache for the files in ``cached``, else ``O_DIRECT``.
+    while they are written: through the page cache for the files in ``cached`` (and, with ``probe_cache``, for every
+    chunk found there), else ``O_DIRECT``.
     """
     t0 = time.perf_counter()
     final = dst / shard.file
     runs = copy_runs(shard.outputs)
     computed = [o for o in shard.outputs if o.op != "copy"]
     seconds = dict.fromkeys(PHASES, 0.0)
+    from_cache = [0]
 
     def convert_all(writer: ShardWriter) -> None:
         t = time.perf_counter()
@@ -220,10 +225,11 @@ def write_shard(
                 copy_run(run, writer, progress)
             return
         ranges = [Range(r[0].sources[0].file, r[0].sources[0].start, sum(o.sources[0].nbytes for o in r)) for r in runs]
-        with ReadAhead(ranges, cached=cached) as ahead:
+        with ReadAhead(ranges, cached=cached, probe_cache=probe_cache) as ahead:
             for i, run in enumerate(runs):
                 copy_run(run, writer, progress, ahead.chunks(i))
         seconds["read"] = ahead.read_seconds
+        from_cache[0] = ahead.cached_bytes
 
     try:
         with ShardWriter(final, shard.entries, direct=direct) as writer:
@@ -246,7 +252,7 @@ def write_shard(
         hint = "; free space and rerun with --resume" if e.errno == errno.ENOSPC else ""
         raise ConvertError(f"cannot write: {e.strerror or e}{hint}", file=final) from e
     seconds["wall"] = time.perf_counter() - t0
-    return ShardResult(shard.file, final.stat().st_size, {k: round(v, 3) for k, v in seconds.items()})
+    return ShardResult(shard.file, final.stat().st_size, {k: round(v, 3) for k, v in seconds.items()}, from_cache[0])
 
 
 # --- parallel execution -------------------------------------------------------------------------
@@ -280,8 +286,11 @@ def _worker_progress(nbytes: int, ntensors: int) -> None:
     _queue.put((nbytes, ntensors))  # type: ignore[attr-defined]
 
 
-def _write_shard_in_worker(shard: Shard, dst: Path, *, direct: bool, cached: frozenset[Path]) -> ShardResult:
-    return write_shard(shard, dst, _worker_progress if _queue is not None else None, direct=direct, cached=cached)
+def _write_shard_in_worker(
+    shard: Shard, dst: Path, *, direct: bool, cached: frozenset[Path], probe_cache: bool
+) -> ShardResult:
+    progress = _worker_progress if _queue is not None else None
+    return write_shard(shard, dst, progress, direct=direct, cached=cached, probe_cache=probe_cache)
 
 
 def write_shards(
@@ -291,17 +300,18 @@ def write_shards(
     workers: int = 1,
     direct: bool = False,
     cached: frozenset[Path] = frozenset(),
+    probe_cache: bool = False,
     progress: Progress | None = None,
     on_done: Callable[[ShardResult], None] | None = None,
 ) -> list[ShardResult]:
     """Write ``shards`` with ``workers`` processes (1 = in this process); ``on_done`` per finished
     shard; ``direct``: with ``O_DIRECT`` (see ``direct_io``), reading the source files in
-    ``cached`` through the page cache."""
+    ``cached`` (and with ``probe_cache`` every chunk found in the page cache) through the page cache."""
     results: list[ShardResult] = []
     pin_mmap_threshold()
     if workers <= 1 or len(shards) <= 1:
         for shard in shards:
-            res = write_shard(shard, dst, progress, direct=direct, cached=cached)
+            res = write_shard(shard, dst, progress, direct=direct, cached=cached, probe_cache=probe_cache)
             results.append(res)
             if on_done:
                 on_done(res)
@@ -309,7 +319,10 @@ def write_shards(
     ctx = get_context("spawn")
     queue = ctx.Manager().Queue() if progress else None
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
-        pending = {pool.submit(_write_shard_in_worker, s, dst, direct=direct, cached=cached) for s in shards}
+        pending = {
+            pool.submit(_write_shard_in_worker, s, dst, direct=direct, cached=cached, probe_cache=probe_cache)
+            for s in shards
+        }
         while pending:
             done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
             _drain(queue, progress)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from .inventory import Module, Role
+from .options import ExpertFormat, Preset
 
 
 class Target(str, Enum):
@@ -30,21 +31,6 @@ class Target(str, Enum):
     BF16 = "bf16"
     NVFP4 = "nvfp4"  # ModelOpt NVFP4, bytes kept
     COPY = "copy"  # a non-linear tensor or the router, dtype and bytes kept
-
-
-class Preset(str, Enum):
-    """``--policy``: the precision preset of the non-expert linears."""
-
-    DEFAULT = "default"
-    FP8 = "fp8"
-    BF16 = "bf16"
-
-
-class ExpertFormat(str, Enum):
-    """``--experts``: the routed experts' output format."""
-
-    NVFP4 = "nvfp4"  # ModelOpt's bytes kept
-    BF16 = "bf16"  # dequantized: a reference checkpoint
 
 
 ATTENTION_PROJECTIONS = ("wq_a", "wkv", "wq_b", "wo_a", "wo_b", "indexer.wq_b")

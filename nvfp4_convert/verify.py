@@ -42,6 +42,7 @@ from .formats import nvfp4 as nvfp4_format
 from .inventory import Inventory, Module, Role, build_inventory
 from .metrics import output_weight, weight_errors
 from .naming import Naming, detect_naming, native_name
+from .options import Thresholds
 from .plan import OutputTensor, ignore_names, mtp_layer_name
 from .report import REPORT_JSON
 from .safetensors_io import TensorInfo, read_rows, read_tensor
@@ -68,15 +69,6 @@ class Finding:
     ok: bool
     detail: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class Thresholds:
-    """Limits of the reference comparison (defaults: comfortably above NVFP4's error)."""
-
-    max_rel_error: float = 0.25
-    min_cosine: float = 0.97
-    max_matmul_rel_error: float = 0.25
 
 
 # --- structure ------------------------------------------------------------------------------------

@@ -29,11 +29,11 @@ What it measures
    over rounds. Wall time is measured around the subprocess only (DST removal, ``sync`` and cache
    preparation are outside it). Before every timed run, DST is removed, ``sync`` runs, and the page
    cache is set: ``cold`` = ``echo 3 > /proc/sys/vm/drop_caches`` (needs root) followed by one untimed
-   ``import nvfp4_convert.cli`` (and vLLM's DeepSeek-V4 model, which ``verify`` imports), so the source data is
+   import of what ``run`` and ``verify`` import (torch, and vLLM's DeepSeek-V4 model), so the source data is
    cold and the Python libraries warm; ``warm`` =
    one full read of the source files, as when ModelOpt has just written them. The convert wall
-   includes the interpreter start and the imports (torch): ``startup_s`` is the median wall of
-   ``python -m nvfp4_convert.cli --version``; the converter's own ``timing`` (seconds, phases, files
+   includes the interpreter start and the imports (torch): ``startup_s`` is the median wall of an interpreter
+   importing ``nvfp4_convert.cli`` and ``nvfp4_convert.convert``; the converter's own ``timing`` (seconds, phases, files
    read through the page cache) is recorded from its report. Memory: ``max_process_rss`` = ru_maxrss
    from ``wait4`` (the largest single process of the converter's tree, exact) and ``tree_rss`` (the
    sum over the process tree, sampled every 0.5 s). Also recorded: CPU seconds of each run and the
@@ -420,19 +420,22 @@ def can_drop_caches() -> bool:
 
 
 def startup_seconds(repeat: int = 3) -> float:
-    """Median wall of ``python -m nvfp4_convert.cli --version`` (warm libraries): the fixed cost in each convert."""
+    """Median wall of an interpreter importing what ``run`` imports (warm libraries: torch): the fixed cost in each
+    convert (the CLI itself imports torch only when a command needs it; ``run`` reads the source meanwhile)."""
     walls = []
     for _ in range(repeat):
         t0 = time.monotonic()
-        subprocess.run([*convert_cmd(Path(), Path(), 1)[:3], "--version"], cwd=CODE, check=True, capture_output=True)
+        subprocess.run([sys.executable, "-c", STARTUP_IMPORTS], cwd=CODE, check=True, capture_output=True)
         walls.append(time.monotonic() - t0)
     return statistics.median(walls)
 
 
 # Untimed after dropping the page cache: the libraries a run imports are warm, only the data is cold (verify imports
 # vLLM, where it is installed, for its weight-mapper check).
-WARM_IMPORTS = """
-import nvfp4_convert.cli
+STARTUP_IMPORTS = "import nvfp4_convert.cli, nvfp4_convert.convert"
+WARM_IMPORTS = f"""
+{STARTUP_IMPORTS}
+import nvfp4_convert.verify
 try:
     import vllm.models.deepseek_v4.nvidia.model
 except Exception:
@@ -443,8 +446,8 @@ except Exception:
 def prepare_cache(src: Path, mode: str) -> None:
     """Same page-cache state before every timed run: all dropped (cold) or the source read once (warm).
 
-    ``cold`` drops every cached page and then reloads the Python libraries (one untimed
-    ``import nvfp4_convert.cli``), so what is cold is the source data, for convert and copy alike.
+    ``cold`` drops every cached page and then reloads the Python libraries (one untimed import of what ``run`` and
+    ``verify`` import), so what is cold is the source data, for convert and copy alike.
     """
     os.sync()
     if mode == "cold":
@@ -555,7 +558,7 @@ def bench_ratio(args: argparse.Namespace, caches: list[str]) -> dict:
     est = sum(s.nbytes for s in source_specs(args.layers, args.experts, args.with_embed))
     check_disk(work, int(est * 2.05), int(args.max_disk_gb * 1e9))
     startup = startup_seconds()
-    print(f"startup (python -m nvfp4_convert.cli --version, warm): {startup:.2f} s", flush=True)
+    print(f"startup (an interpreter importing what run imports, warm): {startup:.2f} s", flush=True)
     layouts = []
     for n_shards in args.source_shards:
         t0 = time.monotonic()
@@ -587,6 +590,8 @@ def bench_ratio(args: argparse.Namespace, caches: list[str]) -> dict:
                     "converter_own_s": timing["seconds"],
                     "phases": timing.get("phases", {}),
                     "reads_through_page_cache": len(timing.get("reads_through_page_cache", [])),
+                    "bytes_read_from_page_cache": timing.get("bytes_read_from_page_cache"),
+                    "prefetch": timing.get("prefetch"),
                     "max_process_rss_bytes": c.max_process_rss,
                     "tree_rss_bytes": c.tree_rss,
                     "cpu_s": {"convert": round(c.cpu_s, 1), "cp": round(p.cpu_s, 1), "dd": round(d.cpu_s, 1)},
@@ -596,7 +601,9 @@ def bench_ratio(args: argparse.Namespace, caches: list[str]) -> dict:
                 print(
                     f"  {len(files)} shards, {cache:>4}, round {k + 1}: convert {c.wall_s:6.2f} s  cp {p.wall_s:6.2f} s  "
                     f"dd {d.wall_s:6.2f} s  ratio {row['ratio']:.3f}  (own {timing['seconds']:.1f} s, phases "
-                    f"{timing.get('phases')}, {row['reads_through_page_cache']} files read from the page cache)  "
+                    f"{timing.get('phases')}, {row['reads_through_page_cache']} files read from the page cache, "
+                    f"{(row['bytes_read_from_page_cache'] or 0) / 1e9:.2f} GB copied from it, prefetch "
+                    f"{(row['prefetch'] or {}).get('bytes_read', 0) / 1e9:.2f} GB)  "
                     f"RSS {gib(c.max_process_rss)}  load {c.load_before:.1f}",
                     flush=True,
                 )

@@ -97,12 +97,12 @@ def test_parse_size():
 
 
 def test_an_interrupted_run_says_how_to_continue_in_one_line(tmp_path, monkeypatch):
-    import nvfp4_convert.cli as cli
+    import nvfp4_convert.convert as convert  # the CLI imports it when a command runs
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "prepare", interrupted)
+    monkeypatch.setattr(convert, "prepare", interrupted)
     result = runner.invoke(app, ["run", str(REPO_FIXTURE), str(tmp_path / "out"), "--quiet"])
     assert result.exit_code == 130
     assert result.output.strip() == "interrupted: run the same command again with --resume to continue"
@@ -117,12 +117,12 @@ def test_names_are_printed_literally_not_as_markup(tmp_path):
 
 
 def test_an_os_error_is_one_line_naming_the_file(tmp_path, monkeypatch):
-    import nvfp4_convert.cli as cli
+    import nvfp4_convert.convert as convert
 
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(tmp_path / "x.safetensors"))
 
-    monkeypatch.setattr(cli, "prepare", denied)
+    monkeypatch.setattr(convert, "prepare", denied)
     result = runner.invoke(app, ["plan", str(REPO_FIXTURE)])
     assert result.exit_code == 1
     assert result.output.strip() == f"error: {tmp_path / 'x.safetensors'}: Permission denied"

@@ -139,13 +139,25 @@ def test_a_filesystem_that_opens_but_refuses_direct_writes_is_refused_and_cleane
     assert list(tmp_path.iterdir()) == []
 
 
+def _evict(path, start: int = 0, nbytes: int = 0) -> None:
+    """Drop ``[start, start + nbytes)`` of ``path`` (0: to the end) from the page cache (clean pages can go)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, start, nbytes, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def _files(tmp_path, sizes: list[int]) -> dict:
+    """Random files, not in the page cache: ``ReadAhead`` reads them from the disk with ``O_DIRECT``."""
     rng = random.Random(2)
     out = {}
     for i, size in enumerate(sizes):
         path = tmp_path / f"src{i}.bin"
         path.write_bytes(rng.randbytes(size))
         out[path] = path.read_bytes()
+        _evict(path)
     return out
 
 
@@ -163,6 +175,24 @@ def test_read_ahead_gives_every_range_of_every_file_in_order(tmp_path, monkeypat
                 got += view
             assert bytes(got) == files[r.path][r.start : r.start + r.nbytes]
     assert ahead.read_seconds > 0
+    assert ahead.cached_bytes == (30_001 + 8_000 + 2 * BLOCK + 3 if cached else 0)
+
+
+def test_read_ahead_reads_the_chunks_already_in_the_page_cache_from_there(tmp_path, monkeypatch):
+    """A file half in the page cache (a prefetch stopped half way): its chunks there are read from there, the
+    rest with ``O_DIRECT``; the bytes are the file's either way."""
+    monkeypatch.setattr(direct_io, "CHUNK", 4 * BLOCK)
+    files = _files(tmp_path, [64 * BLOCK + 123])
+    (a,) = files
+    a.read_bytes()
+    _evict(a, 24 * BLOCK)  # only the first 24 blocks left in the page cache (6 chunks of 4)
+    fd = os.open(a, os.O_RDONLY)
+    assert direct_io.in_page_cache(fd, 0, 24 * BLOCK) and not direct_io.in_page_cache(fd, 0, 25 * BLOCK)
+    os.close(fd)
+    with ReadAhead([Range(a, 0, len(files[a]))]) as ahead:
+        got = b"".join(bytes(view) for _, view in ahead.chunks(0))
+    assert got == files[a]
+    assert ahead.cached_bytes == 24 * BLOCK  # the other 40 blocks and the tail from the disk
 
 
 def test_read_ahead_takes_ranges_in_order_only(tmp_path):
@@ -187,14 +217,10 @@ def test_read_ahead_stops_when_its_consumer_gives_up(tmp_path, monkeypatch):
 
 
 def test_cached_fraction_tells_pages_in_memory_from_pages_on_disk(tmp_path):
-    (a,) = _files(tmp_path, [1 << 20])  # written and read back: in the page cache
+    (a,) = _files(tmp_path, [1 << 20])
+    a.read_bytes()  # read back: in the page cache
     assert direct_io.cached_fraction(a) == 1.0
-    fd = os.open(a, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # clean pages can be dropped
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    _evict(a)
     assert direct_io.cached_fraction(a) < 0.5
     (tmp_path / "empty").write_bytes(b"")
     assert direct_io.cached_fraction(tmp_path / "empty") == 0.0

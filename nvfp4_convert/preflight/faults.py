@@ -11,11 +11,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import ConvertError
-from .reference import Tensors
+
+if TYPE_CHECKING:  # torch is imported where a fault is planted: the CLI lists the faults without it
+    from .reference import Tensors
 
 
 def _matching(t: Tensors, pattern: str, what: str) -> list[str]:
@@ -34,6 +35,8 @@ def compressor_wkv_wgate_swapped(t: Tensors) -> None:
 
 def wo_a_scale_ones(t: Tensors) -> None:
     """Trap 2: every FP8 ``wo_a`` block scale replaced by 1.0 (a placeholder scale)."""
+    import torch
+
     for n in _matching(t, r"layers\.\d+\.attn\.wo_a\.scale", "FP8 wo_a (policy default or fp8)"):
         t[n] = torch.ones_like(t[n].float()).to(t[n].dtype)
 

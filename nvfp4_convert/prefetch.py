@@ -1,0 +1,125 @@
+"""Read the source into the page cache while ``run`` starts, so the disk is not idle while torch is imported.
+
+``run`` spends its first seconds importing torch and planning (~3 s on the VM of BENCHMARKS.md, a tenth of
+copying one DeepSeek-V4-Pro layer) before it reads a byte of tensor data. ``Prefetch.start(src)`` reads on a
+background thread meanwhile, through the page cache: first every shard's header region (which planning reads
+next), then the shards' bytes in name order (the order the copies read them, near enough), until ``stop()`` (the
+plan is made) or a budget of a quarter of the free memory (headers aside). ``direct_io.ReadAhead`` then reads every chunk found
+wholly in the page cache from there and the rest with ``O_DIRECT``: nothing is read twice from the disk, and the
+bytes written are the same whatever was prefetched (``tests/test_prefetch.py``).
+
+Best effort and harmless: it reads and never parses. Only regular ``*.safetensors`` files directly in SRC, opened
+with ``O_NOFOLLOW`` (a symlink is left to planning's checks); a header region is what the first 8 bytes say,
+capped at the file's size and ``HEADER_CAP``; chunks already in the page cache are skipped (a warm source costs a
+``mincore`` per chunk); any error ends the thread quietly (planning reports the file properly). Imports neither
+torch nor anything that does: the CLI starts it before torch is imported.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import threading
+import time
+from pathlib import Path
+
+from .direct_io import in_page_cache
+
+CHUNK = 16 * 1024 * 1024  # bytes per read: long sequential reads, and a prompt stop()
+HEADER_CAP = 100 * 1024 * 1024  # a header region larger than this is not read ahead (safetensors allows 100 MB)
+
+
+def shard_files(src: Path) -> list[Path]:
+    """The regular (not symlinked) ``*.safetensors`` files directly in ``src``, by name; none if it cannot be read."""
+    try:
+        with os.scandir(src) as entries:
+            return sorted(
+                Path(e.path) for e in entries if e.name.endswith(".safetensors") and e.is_file(follow_symlinks=False)
+            )
+    except OSError:
+        return []
+
+
+def free_memory() -> int:
+    """Bytes of free memory (not counting the page cache), 0 where it cannot be told."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
+
+
+class Prefetch:
+    """A background read of ``files`` into the page cache, at most ``budget`` bytes from the disk (see module doc)."""
+
+    def __init__(self, files: list[Path], budget: int) -> None:
+        self.files = files
+        self.budget = budget
+        self.read_bytes = 0  # read from the disk into the page cache
+        self.skipped_bytes = 0  # found there already
+        self.seconds = 0.0
+        self._stop = threading.Event()
+        self._buf = memoryview(mmap.mmap(-1, CHUNK))
+        self._thread = threading.Thread(target=self._read_all, name="prefetch", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def start(cls, src: Path) -> Prefetch:
+        return cls(shard_files(src), free_memory() // 4)
+
+    def stop(self) -> None:
+        """Stop reading (after the read under way: at most ``CHUNK``) and wait for the thread."""
+        self._stop.set()
+        self._thread.join()
+
+    def wait(self) -> None:
+        """Wait until it has read all it will (every file, or the budget)."""
+        self._thread.join()
+
+    def summary(self) -> dict:
+        return {
+            "bytes_read": self.read_bytes,
+            "bytes_already_cached": self.skipped_bytes,
+            "seconds": round(self.seconds, 3),
+            "files": len(self.files),
+        }
+
+    def _read_all(self) -> None:
+        t0 = time.monotonic()
+        fds: list[int] = []
+        try:
+            for path in self.files:
+                fds.append(os.open(path, os.O_RDONLY | os.O_NOFOLLOW))
+            headers = []
+            for fd in fds:  # the headers first: planning reads every one of them next
+                head = os.pread(fd, 8, 0)
+                end = min(8 + struct.unpack("<Q", head)[0], HEADER_CAP) if len(head) == 8 else 0
+                if not self._read(fd, 0, end, budgeted=False):
+                    return
+                headers.append(end)
+            for fd, start in zip(fds, headers, strict=True):
+                if not self._read(fd, start, os.fstat(fd).st_size):
+                    return
+        except OSError:
+            return  # best effort: planning reads the same files and names what is wrong
+        finally:
+            for fd in fds:
+                os.close(fd)
+            self.seconds = time.monotonic() - t0
+
+    def _read(self, fd: int, start: int, end: int, *, budgeted: bool = True) -> bool:
+        """Bring ``[start, end)`` of ``fd`` into the page cache; False once stopped or (``budgeted``) the budget is
+        spent. Headers are read whatever the budget: planning reads them next anyway."""
+        end = min(end, os.fstat(fd).st_size)
+        for pos in range(start, end, CHUNK):
+            if self._stop.is_set() or (budgeted and self.read_bytes >= self.budget):
+                return False
+            n = min(CHUNK, end - pos)
+            if in_page_cache(fd, pos, pos + n):
+                self.skipped_bytes += n
+                continue
+            got = os.preadv(fd, [self._buf[:n]], pos)
+            self.read_bytes += got
+            if got < n:  # the file is shorter than it said: leave it to planning
+                return True
+        return True
