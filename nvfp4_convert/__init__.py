@@ -3,7 +3,11 @@
 Modules, one concern each (read them in this order):
 
 - ``errors``          the one exception type, naming file and tensor
-- ``direct_io``       O_DIRECT file I/O: write-once files assembled from any-size writes, aligned reads
+- ``options``         the values of the CLI's options (policy presets, expert format, I/O mode, verify's limits):
+                      importable without torch
+- ``direct_io``       O_DIRECT file I/O: write-once files assembled from any-size writes, aligned reads, read-ahead
+                      that takes from the page cache what is already there
+- ``prefetch``        the source read into the page cache while ``run`` starts (torch import, planning)
 - ``safetensors_io``  streaming safetensors: header parsing/validation, tensor views, shard writer
 - ``checkpoint``      a source checkpoint on disk: index/shards, config, other files
 - ``naming``          transformers <-> native DeepSeek names
@@ -26,7 +30,7 @@ Modules, one concern each (read them in this order):
 - ``verify``          checks a converted checkpoint against the contract, its source, a reference
 - ``probe``           asks a served model a few questions: coherent or garbage?
 - ``preflight/``      does the vLLM installed here compute our format right? (tiny model, vLLM vs transformers)
-- ``cli``             the Typer/Rich command line (thin)
+- ``cli``             the Typer/Rich command line (thin; imports the library, and torch, only in its commands)
 """
 
 __version__ = "0.1.0"

@@ -12,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import os
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -392,6 +393,7 @@ def verify_cmd(
                 max_rel_error=max_rel_error, min_cosine=min_cosine, max_matmul_rel_error=max_matmul_rel_error
             ),
             allow_outside_links=allow_outside_links,
+            release_vllm=True,  # one command: vLLM's child ends once it has answered
         )
         table = Table(
             title=f"verify {literal(str(dst))}: {result['checks']} checks, {result['failed']} failed (worst first)"
@@ -606,8 +608,21 @@ def _click_classes(name: str) -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
-def main_entry() -> int:
-    """The console script: the Typer app, its usage errors (a bad or missing value) one line like every error."""
+def main_entry() -> NoReturn:
+    """The console script (and ``python -m nvfp4_convert``): ``main``'s exit code, without the interpreter's teardown.
+
+    With torch loaded that teardown takes ~0.6 s on the VM of BENCHMARKS.md and has nothing left to do: every file
+    is written, fsynced and renamed, every worker, thread and child process ended (vLLM's mapper child ends when its
+    input closes), and the output is flushed here. An unexpected exception still ends the usual way, with its
+    traceback."""
+    code = _main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _main() -> int:
+    """The Typer app, its usage errors (a bad or missing value) one line like every error."""
     usage_errors, aborts = _click_classes("UsageError"), _click_classes("Abort")
     try:
         code = app(standalone_mode=False)
@@ -627,4 +642,4 @@ def main_entry() -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main_entry())
+    main_entry()

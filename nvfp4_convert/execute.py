@@ -17,6 +17,7 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -317,8 +318,11 @@ def write_shards(
                 on_done(res)
         return results
     ctx = get_context("spawn")
-    queue = ctx.Manager().Queue() if progress else None
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
+    with contextlib.ExitStack() as stack:  # the progress queue's manager process ends with the pool
+        queue = stack.enter_context(ctx.Manager()).Queue() if progress else None
+        pool = stack.enter_context(
+            ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,))
+        )
         pending = {
             pool.submit(_write_shard_in_worker, s, dst, direct=direct, cached=cached, probe_cache=probe_cache)
             for s in shards

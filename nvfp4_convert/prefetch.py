@@ -27,6 +27,10 @@ from pathlib import Path
 from .direct_io import in_page_cache
 
 CHUNK = 16 * 1024 * 1024  # bytes per read: long sequential reads, and a prompt stop()
+# Chunks asked for (POSIX_FADV_WILLNEED) ahead of the one read: the disk has many requests at once, and keeps
+# reading while this thread waits for the GIL (importing torch holds it for long stretches). What is asked for when
+# ``stop()`` comes is still read, into the page cache, where the copies find it.
+AHEAD = 32
 HEADER_CAP = 100 * 1024 * 1024  # a header region larger than this is not read ahead (safetensors allows 100 MB)
 
 
@@ -109,16 +113,32 @@ class Prefetch:
 
     def _read(self, fd: int, start: int, end: int, *, budgeted: bool = True) -> bool:
         """Bring ``[start, end)`` of ``fd`` into the page cache; False once stopped or (``budgeted``) the budget is
-        spent. Headers are read whatever the budget: planning reads them next anyway."""
+        spent. Headers are read whatever the budget: planning reads them next anyway.
+
+        The kernel is asked for the next ``AHEAD`` chunks (``POSIX_FADV_WILLNEED``) while one is read: a single
+        reader got ~0.8 GB/s on the VM of BENCHMARKS.md, 1.1-1.9 GB/s with 4 chunks asked for ahead (0.2-0.3 GB/s
+        while torch was being imported; hence more). A chunk wholly in the page cache before it
+        was asked for is skipped (counted as already cached)."""
         end = min(end, os.fstat(fd).st_size)
+        there_before: dict[int, bool] = {}  # chunk start -> in the page cache before it was asked for
+
+        def ask(pos: int) -> None:
+            if pos < end and pos not in there_before:
+                n = min(CHUNK, end - pos)
+                there_before[pos] = in_page_cache(fd, pos, pos + n)
+                if not there_before[pos]:
+                    os.posix_fadvise(fd, pos, n, os.POSIX_FADV_WILLNEED)
+
         for pos in range(start, end, CHUNK):
             if self._stop.is_set() or (budgeted and self.read_bytes >= self.budget):
                 return False
+            for k in range(AHEAD + 1):
+                ask(pos + k * CHUNK)
             n = min(CHUNK, end - pos)
-            if in_page_cache(fd, pos, pos + n):
+            if there_before.pop(pos):
                 self.skipped_bytes += n
                 continue
-            got = os.preadv(fd, [self._buf[:n]], pos)
+            got = os.preadv(fd, [self._buf[:n]], pos)  # waits for the chunk: the pace of the disk
             self.read_bytes += got
             if got < n:  # the file is shorter than it said: leave it to planning
                 return True

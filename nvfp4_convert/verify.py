@@ -277,18 +277,18 @@ def _check_vllm_mapper(dropped: DroppedNames) -> list[Finding]:
     ]
 
 
-def mapper_check(dst: Path) -> DroppedNames | None:
+def mapper_check(dst: Path, *, release: bool = False) -> DroppedNames | None:
     """vLLM's mapper started on DST's names (``_dropped_names``), or None when DST's index cannot be read
     (``check_structure`` says why)."""
     try:
-        return _dropped_names(Checkpoint.open(dst))
+        return _dropped_names(Checkpoint.open(dst), release=release)
     except ConvertError:
         return None
 
 
-def _dropped_names(ckpt: Checkpoint) -> DroppedNames:
+def _dropped_names(ckpt: Checkpoint, *, release: bool = False) -> DroppedNames:
     """vLLM's main-model mapper asked about every name but the MTP block's (vLLM's MTP model maps those)."""
-    return DroppedNames(n for n in ckpt.tensors if not n.startswith("mtp."))
+    return DroppedNames((n for n in ckpt.tensors if not n.startswith("mtp.")), release=release)
 
 
 # --- against the source ---------------------------------------------------------------------------
@@ -297,14 +297,15 @@ def _dropped_names(ckpt: Checkpoint) -> DroppedNames:
 BAND_FLOATS = 2 * 1024 * 1024  # float32 values per decoded band of a converted tensor (8 MB)
 
 
-def _rows(info: TensorInfo, sample: int | None) -> list[tuple[int, int]]:
+def _rows(info: TensorInfo, sample: int | None, cols: int | None = None) -> list[tuple[int, int]]:
     """Row bands to compare: ``sample`` bands of 128 rows spread over the tensor, or every row in bands
-    of about ``BAND_FLOATS`` values (multiples of 128 rows: whole FP8 blocks), so memory stays bounded."""
+    of about ``BAND_FLOATS`` values (multiples of 128 rows: whole FP8 blocks), so memory stays bounded.
+    ``cols``: the values a row decodes to (default: the tensor's own row length)."""
     rows = info.shape[0] if info.shape else 1
     if len(info.shape) < 2:
         return [(0, rows)]
     if not sample:
-        cols = max(1, info.numel // max(1, rows)) * (2 if info.dtype == "U8" else 1)  # packed FP4: 2 per byte
+        cols = cols or max(1, info.numel // max(1, rows))
         step = max(1, BAND_FLOATS // cols // FP8_BLOCK) * FP8_BLOCK
         return [(r, min(rows, r + step)) for r in range(0, rows, step)]
     if rows <= sample * FP8_BLOCK:
@@ -504,7 +505,7 @@ def _compare_reencoded(o: OutputTensor, got: TensorInfo, out_ckpt: Checkpoint, s
     floor = 2.0 ** (int(o.value or 0) + E4M3_MIN_EXP)  # the smallest block scale under the global scale
     global_scale = read_tensor(ws2)
     requantized = bad = 0
-    for a, b in _rows(got, sample):
+    for a, b in _rows(got, sample, NVFP4.logical_shape({"weight": got})[1]):
         want = decode_rows(o.sources, a, b)
         have = NVFP4.decode(
             {"weight": read_rows(got, a, b), "weight_scale": read_rows(ws, a, b), "weight_scale_2": global_scale}
@@ -605,14 +606,16 @@ def verify(
     sample: int | None = None,
     thresholds: Thresholds | None = None,
     allow_outside_links: bool = False,
+    release_vllm: bool = False,
 ) -> dict[str, Any]:
     """All requested checks; ``result["ok"]`` is the verdict. ``allow_outside_links``: follow symlinks of SRC (and of
     the references the run took tensors from) that resolve outside them, as ``run --allow-outside-links`` did; it is
-    the caller's to give, never read from DST's report."""
+    the caller's to give, never read from DST's report. ``release_vllm``: end vLLM's child process as soon as it has
+    answered, rather than keep it for the next call (the CLI: its memory is not held while the tensors are decoded)."""
     # Three things at once: vLLM's mapper on DST's names in a child process (seconds of import, for the structure),
     # the copies compared byte for byte (I/O) and the converted tensors decoded (CPU); the structure is checked last,
     # its findings listed first.
-    dropped = mapper_check(dst)
+    dropped = mapper_check(dst, release=release_vllm)
     against = []
     if source is not None and (dst / REPORT_JSON).exists():
         against = SourceComparison(dst, source, sample=sample, allow_outside_links=allow_outside_links).findings()

@@ -3,7 +3,9 @@
 Contract: ``DroppedNames(names)`` makes sure a child of this interpreter is importing vLLM's DeepSeek-V4 model (one
 child per process, started by the first call, serving every later one); ``result()`` asks it which of ``names`` its
 ``hf_to_vllm_mapper`` drops (maps to None) and returns them, or None where vLLM cannot be imported by this interpreter
-(the reason in ``unavailable``).
+(the reason in ``unavailable``). With ``release=True`` the question is asked at once, on a thread, and a child that
+this call started ends as soon as it has answered (a one-shot command: its memory is not held while the caller goes
+on; a child already serving this process, as in the test suite, is kept).
 
 Why a child: importing vLLM takes seconds and ~0.6 GiB. ``verify`` needs only this one answer from it, so the import
 runs beside its own work (on another core, outside its GIL) and its memory is never added to verify's.
@@ -71,21 +73,34 @@ def _stop(child: subprocess.Popen) -> None:
 class DroppedNames:
     """The names of ``names`` that vLLM's DeepSeek-V4 ``hf_to_vllm_mapper`` drops, computed in a child process."""
 
-    def __init__(self, names: Iterable[str]) -> None:
+    def __init__(self, names: Iterable[str], *, release: bool = False) -> None:
         self.names = list(names)
         self.unavailable: str | None = None
+        self._answer: dict | None = None
         with _lock:
+            started = _child is None or _child.poll() is not None
             _server()  # vLLM's import starts now
+        release = release and started
+        self._asking = threading.Thread(target=self._query, args=(True,), daemon=True) if release else None
+        if self._asking:
+            self._asking.start()
 
     def result(self) -> list[str] | None:
+        if self._asking:
+            self._asking.join()
+        else:
+            self._query(release=False)
+        assert self._answer is not None
+        self.unavailable = self._answer.get("unavailable")
+        return self._answer.get("dropped")
+
+    def _query(self, release: bool) -> None:
         with _lock:
             child = _server()
             answer = _ask(child, self.names)
-            if answer is None:
+            if answer is None or release:
                 _stop(child)
-                answer = {"unavailable": f"the vLLM child process gave no answer within {TIMEOUT_S} s"}
-        self.unavailable = answer.get("unavailable")
-        return answer.get("dropped")
+        self._answer = answer or {"unavailable": f"the vLLM child process gave no answer within {TIMEOUT_S} s"}
 
 
 def _ask(child: subprocess.Popen, names: list[str]) -> dict | None:

@@ -179,8 +179,8 @@ def test_read_ahead_gives_every_range_of_every_file_in_order(tmp_path, monkeypat
 
 
 def test_read_ahead_reads_the_chunks_already_in_the_page_cache_from_there(tmp_path, monkeypatch):
-    """A file half in the page cache (a prefetch stopped half way): its chunks there are read from there, the
-    rest with ``O_DIRECT``; the bytes are the file's either way."""
+    """A file half in the page cache (a prefetch stopped half way): with ``probe_cache`` its chunks there are read from
+    there, the rest with ``O_DIRECT``; the bytes are the file's either way."""
     monkeypatch.setattr(direct_io, "CHUNK", 4 * BLOCK)
     files = _files(tmp_path, [64 * BLOCK + 123])
     (a,) = files
@@ -189,10 +189,13 @@ def test_read_ahead_reads_the_chunks_already_in_the_page_cache_from_there(tmp_pa
     fd = os.open(a, os.O_RDONLY)
     assert direct_io.in_page_cache(fd, 0, 24 * BLOCK) and not direct_io.in_page_cache(fd, 0, 25 * BLOCK)
     os.close(fd)
-    with ReadAhead([Range(a, 0, len(files[a]))]) as ahead:
+    with ReadAhead([Range(a, 0, len(files[a]))], probe_cache=True) as ahead:
         got = b"".join(bytes(view) for _, view in ahead.chunks(0))
     assert got == files[a]
     assert ahead.cached_bytes == 24 * BLOCK  # the other 40 blocks and the tail from the disk
+    with ReadAhead([Range(a, 0, len(files[a]))]) as ahead:  # without probe_cache (--io direct): all O_DIRECT
+        assert b"".join(bytes(view) for _, view in ahead.chunks(0)) == files[a]
+    assert ahead.cached_bytes == 0
 
 
 def test_read_ahead_takes_ranges_in_order_only(tmp_path):

@@ -161,14 +161,18 @@ def _experts_block_32(t: dict[str, torch.Tensor]) -> None:
         t[n] = t[n][:, 0::2].contiguous()
 
 
-def test_block_32_routed_experts_kept_nvfp4_are_re_encoded_exactly_to_block_16(tmp_path):
-    src_dir = mutated_copy(RECIPES / "nvfp4-bs32", tmp_path / "src", _experts_block_32)
+def _run_mutated(tmp_path: Path, change) -> tuple[Path, dict, dict, dict]:
+    """``nvfp4-bs32`` edited by ``change``, converted by the CLI and verified: DST, SRC's and DST's tensors, accounts."""
+    src_dir = mutated_copy(RECIPES / "nvfp4-bs32", tmp_path / "src", change)
     dst = tmp_path / "dst"
     result = CliRunner().invoke(app, ["run", str(src_dir), str(dst), "--quiet", "--workers", "1"])
     assert result.exit_code == 0, result.output
     _ok(dst, src_dir)
-    src, out = load_all(src_dir), load_all(dst)
-    accounts = _accounts(dst)
+    return dst, load_all(src_dir), load_all(dst), _accounts(dst)
+
+
+def test_block_32_routed_experts_kept_nvfp4_are_re_encoded_exactly_to_block_16(tmp_path):
+    dst, src, out, accounts = _run_mutated(tmp_path, _experts_block_32)
     experts = sorted({n.rsplit(".", 1)[0] for n in src if ".mlp.experts." in n})
     assert len(experts) == 48
     for module in experts:
@@ -193,13 +197,7 @@ def _experts_block_32_gate_scaled(t: dict[str, torch.Tensor]) -> None:
 
 
 def test_block_32_experts_with_differing_gate_up_scales_are_restated_and_folded(tmp_path):
-    src_dir = mutated_copy(RECIPES / "nvfp4-bs32", tmp_path / "src", _experts_block_32_gate_scaled)
-    dst = tmp_path / "dst"
-    result = CliRunner().invoke(app, ["run", str(src_dir), str(dst), "--quiet", "--workers", "1"])
-    assert result.exit_code == 0, result.output
-    _ok(dst, src_dir)
-    src, out = load_all(src_dir), load_all(dst)
-    accounts = _accounts(dst)
+    dst, src, out, accounts = _run_mutated(tmp_path, _experts_block_32_gate_scaled)
     gates = sorted({n.rsplit(".", 1)[0] for n in src if ".mlp.experts." in n and ".gate_proj." in n})
     assert len(gates) == 16
     for gate in gates:
@@ -220,7 +218,7 @@ def test_block_32_experts_with_differing_gate_up_scales_are_restated_and_folded(
     def unfolded(t: dict[str, torch.Tensor]) -> None:
         t[f"{w1}.weight_scale"] = src[f"{gates[0]}.weight_scale"].repeat_interleave(2, dim=1)
 
-    bad = verify(plant(dst, tmp_path / "bad", unfolded), source=src_dir)
+    bad = verify(plant(dst, tmp_path / "bad", unfolded), source=tmp_path / "src")
     assert [(f["check"], f["tensor"]) for f in bad["findings"] if not f["ok"]] == [
         ("vs source: folded scale", f"{w1}.weight_scale")
     ]
