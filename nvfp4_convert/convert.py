@@ -268,7 +268,7 @@ def run(
 
     ``io``: ``direct`` (``O_DIRECT``: no page cache), ``buffered`` (page cache, ``copy_file_range``)
     or ``auto`` (direct where both filesystems accept it, reading from the page cache what is there already:
-    whole files mostly there, and every chunk of the others found there). The bytes written are the same.
+    whole files there, and every chunk of the others found there). The bytes written are the same.
     ``prefetched``: what a ``prefetch.Prefetch`` read of SRC while the run started (its ``summary()``), for the report.
     """
     t0 = time.monotonic()
@@ -429,7 +429,7 @@ def use_direct_io(io: str, directory: Path, plan: Plan) -> bool:
 
 
 def cached_sources(plan: Plan) -> frozenset[Path]:
-    """The source files that copies read and that are mostly in the page cache already (``mincore``):
+    """The source files that copies read and that are wholly in the page cache already (``mincore``):
     read from memory, not again from the disk with ``O_DIRECT`` (ModelOpt has just written them, say).
     ``direct_io.read_from_cache``, the rule ``verify`` uses too."""
     files = {o.sources[0].file for o in plan.outputs if o.op == "copy"}

@@ -54,7 +54,10 @@ import numpy as np
 
 BLOCK = 4096  # file-offset and length alignment: the page size, so no page is shared by two writes
 CHUNK = 64 * 1024 * 1024  # bytes per direct read or write: large sequential requests
-CACHED_ENOUGH = 0.5  # share of a file's pages in the page cache from which it is read from there
+# Share of a file's pages in the page cache from which it is read wholly from there. All of them: of a file partly
+# there (a prefetch stopped half way), ``ReadAhead(probe_cache=True)`` takes the chunks there from there and reads
+# the rest with O_DIRECT, which a buffered read of the whole file would not (BENCHMARKS.md, run F).
+CACHED_ENOUGH = 1.0
 
 _local = threading.local()
 
@@ -347,7 +350,7 @@ def _libc() -> ctypes.CDLL:
 
 
 def read_from_cache(files: Iterable[Path]) -> frozenset[Path]:
-    """The ``files`` best read through the page cache: mostly there already (``CACHED_ENOUGH``), or refusing
+    """The ``files`` best read through the page cache: wholly there already (``CACHED_ENOUGH``), or refusing
     ``O_DIRECT``. The others are read with ``O_DIRECT`` (``ReadAhead``'s ``cached``)."""
     return frozenset(f for f in files if cached_fraction(f) >= CACHED_ENOUGH or not reads_direct(f))
 

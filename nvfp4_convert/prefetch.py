@@ -27,10 +27,10 @@ from pathlib import Path
 from .direct_io import in_page_cache
 
 CHUNK = 16 * 1024 * 1024  # bytes per read: long sequential reads, and a prompt stop()
-# Chunks asked for (POSIX_FADV_WILLNEED) ahead of the one read: the disk has many requests at once, and keeps
-# reading while this thread waits for the GIL (importing torch holds it for long stretches). What is asked for when
-# ``stop()`` comes is still read, into the page cache, where the copies find it.
-AHEAD = 32
+# Chunks asked for (POSIX_FADV_WILLNEED) ahead of the one read: the disk has several requests at once, and keeps
+# reading while this thread waits for the GIL (importing torch holds it for long stretches). Not more: planning's own
+# small reads (the experts' global scales) queue behind them (32 ahead made the runs slower: BENCHMARKS.md, run F).
+AHEAD = 4
 HEADER_CAP = 100 * 1024 * 1024  # a header region larger than this is not read ahead (safetensors allows 100 MB)
 
 
@@ -116,8 +116,8 @@ class Prefetch:
         spent. Headers are read whatever the budget: planning reads them next anyway.
 
         The kernel is asked for the next ``AHEAD`` chunks (``POSIX_FADV_WILLNEED``) while one is read: a single
-        reader got ~0.8 GB/s on the VM of BENCHMARKS.md, 1.1-1.9 GB/s with 4 chunks asked for ahead (0.2-0.3 GB/s
-        while torch was being imported; hence more). A chunk wholly in the page cache before it
+        reader got ~0.8 GB/s on the VM of BENCHMARKS.md, 1.1-1.9 GB/s with 4 chunks asked for ahead. A chunk wholly in
+        the page cache before it
         was asked for is skipped (counted as already cached)."""
         end = min(end, os.fstat(fd).st_size)
         there_before: dict[int, bool] = {}  # chunk start -> in the page cache before it was asked for

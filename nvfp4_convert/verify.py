@@ -403,7 +403,7 @@ _BYTES = "vs source: bytes"
 def _differing_copies(outputs: list[OutputTensor], out_ckpt: Checkpoint) -> set[str]:
     """The copied tensors whose bytes differ from their source's, all compared in large sequential
     reads of both sides at once (``direct_io.differences``): runs of tensors back to back in both
-    files are one read each, with ``O_DIRECT`` unless the file is mostly in the page cache."""
+    files are one read each, with ``O_DIRECT`` unless the file is wholly in the page cache."""
     runs: list[list[tuple[TensorInfo, TensorInfo]]] = []
     for o in outputs:
         got = out_ckpt.tensors.get(o.name)
@@ -616,9 +616,12 @@ def verify(
     # the copies compared byte for byte (I/O) and the converted tensors decoded (CPU); the structure is checked last,
     # its findings listed first.
     dropped = mapper_check(dst, release=release_vllm)
-    against = []
-    if source is not None and (dst / REPORT_JSON).exists():
-        against = SourceComparison(dst, source, sample=sample, allow_outside_links=allow_outside_links).findings()
+    comparison = None
+    if source is not None and (dst / REPORT_JSON).exists():  # the byte comparison starts here, on its thread
+        comparison = SourceComparison(dst, source, sample=sample, allow_outside_links=allow_outside_links)
+    if release_vllm and dropped is not None:
+        dropped.result()  # vLLM's child answers and ends before a tensor is decoded: never both memories at once
+    against = comparison.findings() if comparison else []
     findings = check_structure(dst, dropped=dropped)
     structure_ok = all(f.ok for f in findings)
     findings += against
