@@ -616,8 +616,12 @@ def main_entry() -> NoReturn:
     input closes), and the output is flushed here. An unexpected exception still ends the usual way, with its
     traceback."""
     code = _main()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    names = sys.modules.get(f"{__package__}.vllm_names")  # atexit does not run: end verify's vLLM child here
+    if names is not None:
+        names.close()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe (``| head``) has nothing left to flush into
+            stream.flush()
     os._exit(code)
 
 

@@ -23,7 +23,7 @@ Contract:
   across range and file boundaries. Files in ``cached`` are read through the page cache (they are
   there: a copy from memory), the others with ``O_DIRECT``; with ``probe_cache``, each chunk of those whose
   pages are all in the page cache already (``in_page_cache``: read there by ``prefetch``, say) is read from
-  there, so no byte is read twice from the disk. The bytes are the same either way; ``cached_bytes`` counts
+  there, not again from the disk (a chunk only partly there is read with ``O_DIRECT`` whole). The bytes are the same either way; ``cached_bytes`` counts
   those read through the page cache.
 - ``differences(left, right)`` compares two lists of equally long ranges, both read ahead at once
   (two threads), and yields where they differ: ``verify``'s byte comparison at the disk's speed.
@@ -378,12 +378,23 @@ def in_page_cache(fd: int, start: int, end: int) -> bool:
     return end <= start or _resident_pages(fd, start, end) == -(-end // page) - start // page
 
 
+def mincore_tells(fd: int) -> bool:
+    """Whether ``mincore`` tells this process the truth about ``fd``'s pages. Since Linux 5.2 it does only for root,
+    the file's owner, or a process that may write to the file; to anyone else it says every page is there (so that
+    one user cannot watch another's reads), which would make every chunk look cached."""
+    euid = os.geteuid()
+    return euid == 0 or os.fstat(fd).st_uid == euid or os.access(f"/proc/self/fd/{fd}", os.W_OK)
+
+
 def _resident_pages(fd: int, start: int, end: int) -> int | None:
     """How many of the pages holding ``[start, end)`` of ``fd`` are in the page cache (``mincore`` on a read-only
-    mapping of them), ``None`` where it cannot be told (no ``mincore``, a file that cannot be mapped)."""
+    mapping of them), ``None`` where it cannot be told (no ``mincore``, a file that cannot be mapped, a file whose
+    residency the kernel does not reveal to this process: ``mincore_tells``)."""
     try:
         libc = _libc()
     except (OSError, AttributeError):
+        return None
+    if not mincore_tells(fd):
         return None
     page = mmap.PAGESIZE
     a0 = start - start % page

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 import threading
 import time
@@ -31,7 +32,8 @@ CHUNK = 16 * 1024 * 1024  # bytes per read: long sequential reads, and a prompt 
 # reading while this thread waits for the GIL (importing torch holds it for long stretches). Not more: planning's own
 # small reads (the experts' global scales) queue behind them (32 ahead made the runs slower: BENCHMARKS.md, run F).
 AHEAD = 4
-HEADER_CAP = 100 * 1024 * 1024  # a header region larger than this is not read ahead (safetensors allows 100 MB)
+HEADER_CAP = 100 * 1024 * 1024  # a header region is read ahead up to this (safetensors allows 100 MB)
+STOP_WAIT_S = 5.0  # stop() waits this long for the read under way (a daemon thread: never holds the exit)
 
 
 def shard_files(src: Path) -> list[Path]:
@@ -74,7 +76,7 @@ class Prefetch:
     def stop(self) -> None:
         """Stop reading (after the read under way: at most ``CHUNK``) and wait for the thread."""
         self._stop.set()
-        self._thread.join()
+        self._thread.join(STOP_WAIT_S)
 
     def wait(self) -> None:
         """Wait until it has read all it will (every file, or the budget)."""
@@ -92,8 +94,10 @@ class Prefetch:
         t0 = time.monotonic()
         fds: list[int] = []
         try:
-            for path in self.files:
-                fds.append(os.open(path, os.O_RDONLY | os.O_NOFOLLOW))
+            for path in self.files:  # non-blocking: a FIFO swapped in since the listing never blocks the open
+                fds.append(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC))
+                if not stat.S_ISREG(os.fstat(fds[-1]).st_mode):
+                    return
             headers = []
             for fd in fds:  # the headers first: planning reads every one of them next
                 head = os.pread(fd, 8, 0)
@@ -104,8 +108,8 @@ class Prefetch:
             for fd, start in zip(fds, headers, strict=True):
                 if not self._read(fd, start, os.fstat(fd).st_size):
                     return
-        except OSError:
-            return  # best effort: planning reads the same files and names what is wrong
+        except Exception:  # best effort: planning reads the same files and names what is wrong
+            return
         finally:
             for fd in fds:
                 os.close(fd)

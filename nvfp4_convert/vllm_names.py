@@ -8,7 +8,8 @@ this call started ends as soon as it has answered (a one-shot command: its memor
 on; a child already serving this process, as in the test suite, is kept).
 
 Why a child: importing vLLM takes seconds and ~0.6 GiB. ``verify`` needs only this one answer from it, so the import
-runs beside its own work (on another core, outside its GIL) and its memory is never added to verify's.
+runs beside its own work (on another core, outside its GIL; the CLI's verify decodes no tensor until the child has
+answered and ended, so the two memories are never held at once).
 """
 
 from __future__ import annotations
@@ -61,6 +62,14 @@ def _server() -> subprocess.Popen:
     return _child
 
 
+def close() -> None:
+    """Kill the child serving this process, if any: the CLI, which exits without running ``atexit`` (without the lock:
+    a question still waiting for vLLM's import must not hold the exit)."""
+    child = _child
+    if child is not None and child.poll() is None:
+        child.kill()
+
+
 def _stop(child: subprocess.Popen) -> None:
     if child.stdin:
         child.stdin.close()  # the child ends at end of input
@@ -95,11 +104,16 @@ class DroppedNames:
         return self._answer.get("dropped")
 
     def _query(self, release: bool) -> None:
+        answer: dict | None = None
         with _lock:
             child = _server()
-            answer = _ask(child, self.names)
-            if answer is None or release:
-                _stop(child)
+            try:
+                answer = _ask(child, self.names)
+            except (OSError, ValueError) as e:  # a pipe closed, a garbled line: said, not raised on a thread
+                answer = {"unavailable": f"the vLLM child process failed: {e}"}
+            finally:
+                if answer is None or release:
+                    _stop(child)
         self._answer = answer or {"unavailable": f"the vLLM child process gave no answer within {TIMEOUT_S} s"}
 
 

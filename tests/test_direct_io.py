@@ -245,3 +245,19 @@ def test_differences_finds_every_differing_byte_whatever_the_alignment_of_either
     assert list(direct_io.differences(left, left)) == []
     with pytest.raises(ValueError, match="different lengths"):
         list(direct_io.differences(left, right[:1]))
+
+
+def test_mincore_is_trusted_only_where_the_kernel_tells_the_truth(tmp_path, monkeypatch):
+    """Linux >= 5.2 says "every page is there" to a process that neither owns the file nor may write to it (nor is
+    root): such a file's residency cannot be told, so nothing is taken as cached (``None``), never all of it."""
+    (a,) = _files(tmp_path, [8 * BLOCK])
+    fd = os.open(a, os.O_RDONLY)
+    try:
+        assert direct_io.mincore_tells(fd)  # root, or the owner, here
+        monkeypatch.setattr(os, "geteuid", lambda: os.fstat(fd).st_uid + 1)  # someone else ...
+        monkeypatch.setattr(os, "access", lambda *a, **k: False)  # ... who may not write to it
+        assert not direct_io.mincore_tells(fd)
+        assert direct_io._resident_pages(fd, 0, 8 * BLOCK) is None
+        assert not direct_io.in_page_cache(fd, 0, 8 * BLOCK)
+    finally:
+        os.close(fd)

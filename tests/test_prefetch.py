@@ -111,3 +111,13 @@ def test_a_run_reads_what_was_prefetched_from_the_page_cache_and_writes_the_same
         report = json.loads((tmp_path / io / "nvfp4-convert-report.json").read_text())
         assert ("prefetch" in report["timing"]) == (io == "buffered")  # direct: no page cache, as asked
         assert _outputs(tmp_path / io) == _outputs(tmp_path / "auto")
+
+
+def test_a_fifo_named_like_a_shard_never_blocks_it(tmp_path):
+    """A ``*.safetensors`` that is a FIFO (swapped in after the listing, say) is not read and does not hang stop()."""
+    src = tmp_path / "src"
+    src.mkdir()
+    os.mkfifo(src / "model-00001-of-00001.safetensors")
+    warm = Prefetch([src / "model-00001-of-00001.safetensors"], budget=1 << 30)  # as if listed before the swap
+    warm.stop()
+    assert not warm._thread.is_alive() and warm.summary()["bytes_read"] == 0
