@@ -365,17 +365,19 @@ def cached_fraction(path: Path) -> float:
     resident = 0
     with open(path, "rb") as f:
         for off in range(0, size, window):
-            pages = _resident_pages(f.fileno(), off, min(size, off + window))
-            if pages is None:
+            counted = _resident_pages(f.fileno(), off, min(size, off + window))
+            if counted is None:
                 return 0.0
-            resident += pages
+            resident += counted[0]
     return resident / -(-size // mmap.PAGESIZE)
 
 
 def in_page_cache(fd: int, start: int, end: int) -> bool:
     """Whether every page of ``[start, end)`` of ``fd`` is in the page cache (False where it cannot be told)."""
-    page = mmap.PAGESIZE
-    return end <= start or _resident_pages(fd, start, end) == -(-end // page) - start // page
+    if end <= start:
+        return True
+    counted = _resident_pages(fd, start, end)
+    return counted is not None and counted[0] == counted[1]
 
 
 def mincore_tells(fd: int) -> bool:
@@ -386,9 +388,9 @@ def mincore_tells(fd: int) -> bool:
     return euid == 0 or os.fstat(fd).st_uid == euid or os.access(f"/proc/self/fd/{fd}", os.W_OK)
 
 
-def _resident_pages(fd: int, start: int, end: int) -> int | None:
-    """How many of the pages holding ``[start, end)`` of ``fd`` are in the page cache (``mincore`` on a read-only
-    mapping of them), ``None`` where it cannot be told (no ``mincore``, a file that cannot be mapped, a file whose
+def _resident_pages(fd: int, start: int, end: int) -> tuple[int, int] | None:
+    """``(resident, pages)``: how many of the ``pages`` holding ``[start, end)`` of ``fd`` are in the page cache
+    (``mincore`` on a read-only mapping of them), ``None`` where it cannot be told (no ``mincore``, a file that cannot be mapped, a file whose
     residency the kernel does not reveal to this process: ``mincore_tells``)."""
     try:
         libc = _libc()
@@ -407,7 +409,7 @@ def _resident_pages(fd: int, start: int, end: int) -> int | None:
         vec = ctypes.create_string_buffer(pages)
         if libc.mincore(addr, length, vec) != 0:
             return None
-        return int(np.count_nonzero(np.frombuffer(vec, np.uint8, count=pages) & 1))
+        return int(np.count_nonzero(np.frombuffer(vec, np.uint8, count=pages) & 1)), pages
     finally:
         libc.munmap(addr, length)
 

@@ -98,15 +98,16 @@ class Prefetch:
                 fds.append(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC))
                 if not stat.S_ISREG(os.fstat(fds[-1]).st_mode):
                     return
+            sizes = [os.fstat(fd).st_size for fd in fds]
             headers = []
-            for fd in fds:  # the headers first: planning reads every one of them next
+            for fd, size in zip(fds, sizes, strict=True):  # the headers first: planning reads every one of them next
                 head = os.pread(fd, 8, 0)
-                end = min(8 + struct.unpack("<Q", head)[0], HEADER_CAP) if len(head) == 8 else 0
+                end = min(8 + struct.unpack("<Q", head)[0], HEADER_CAP, size) if len(head) == 8 else 0
                 if not self._read(fd, 0, end, budgeted=False):
                     return
                 headers.append(end)
-            for fd, start in zip(fds, headers, strict=True):
-                if not self._read(fd, start, os.fstat(fd).st_size):
+            for fd, start, size in zip(fds, headers, sizes, strict=True):
+                if not self._read(fd, start, size):
                     return
         except Exception:  # best effort: planning reads the same files and names what is wrong
             return
@@ -116,14 +117,12 @@ class Prefetch:
             self.seconds = time.monotonic() - t0
 
     def _read(self, fd: int, start: int, end: int, *, budgeted: bool = True) -> bool:
-        """Bring ``[start, end)`` of ``fd`` into the page cache; False once stopped or (``budgeted``) the budget is
-        spent. Headers are read whatever the budget: planning reads them next anyway.
+        """Bring ``[start, end)`` of ``fd`` (``end`` at most its size) into the page cache; False once stopped or
+        (``budgeted``) the budget is spent. Headers are read whatever the budget: planning reads them next anyway.
 
         The kernel is asked for the next ``AHEAD`` chunks (``POSIX_FADV_WILLNEED``) while one is read: a single
-        reader got ~0.8 GB/s on the VM of BENCHMARKS.md, 1.1-1.9 GB/s with 4 chunks asked for ahead. A chunk wholly in
-        the page cache before it
-        was asked for is skipped (counted as already cached)."""
-        end = min(end, os.fstat(fd).st_size)
+        reader got ~0.8 GB/s on the VM of BENCHMARKS.md, 1.1-1.9 GB/s with 4 chunks asked for ahead. A chunk wholly
+        in the page cache before it was asked for is skipped (counted as already cached)."""
         there_before: dict[int, bool] = {}  # chunk start -> in the page cache before it was asked for
 
         def ask(pos: int) -> None:

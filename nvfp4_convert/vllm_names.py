@@ -97,7 +97,7 @@ class DroppedNames:
     def result(self) -> list[str] | None:
         if self._asking:
             self._asking.join()
-        else:
+        elif self._answer is None:  # asked once: a second call gives the same answer
             self._query(release=False)
         assert self._answer is not None
         self.unavailable = self._answer.get("unavailable")
